@@ -1,0 +1,1 @@
+"""The Redis contract shared by gateway and workers: keys, job queue, result streams."""
