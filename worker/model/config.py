@@ -1,0 +1,98 @@
+"""The model shape we serve, normalized from a HF config (Llama, Mistral, Qwen2, ...)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+# model_type -> whether q/k/v projections carry a bias. A table, not a chain of ifs;
+# a model_type missing here is refused by name.
+SUPPORTED_MODEL_TYPES: dict[str, bool] = {
+    "llama": False,
+    "mistral": False,
+    "qwen2": True,
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    qkv_bias: bool
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    eos_token_ids: tuple[int, ...]
+    inv_freq: torch.Tensor  # [head_dim / 2] RoPE frequencies after the config's scaling
+    rope_attention_scaling: float  # cos/sin multiplier (1.0 except YaRN-style scalings)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear projection a LoRA may target."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (h, self.q_size),
+            "k_proj": (h, self.kv_size),
+            "v_proj": (h, self.kv_size),
+            "o_proj": (self.q_size, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+
+def model_config_from_hf(hf: Any) -> ModelConfig:
+    """Normalize a transformers PretrainedConfig; unknown architectures fail by name."""
+    if hf.model_type not in SUPPORTED_MODEL_TYPES:
+        supported = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
+        raise ValueError(f"model_type {hf.model_type!r} is not supported (supported: {supported})")
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    inv_freq, attention_scaling = _rope(hf, head_dim)
+    eos = hf.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    return ModelConfig(
+        model_type=hf.model_type,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=hf.num_attention_heads,
+        num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+        head_dim=head_dim,
+        rms_norm_eps=hf.rms_norm_eps,
+        qkv_bias=SUPPORTED_MODEL_TYPES[hf.model_type] or bool(getattr(hf, "attention_bias", False)),
+        tie_word_embeddings=bool(hf.tie_word_embeddings),
+        max_position_embeddings=hf.max_position_embeddings,
+        eos_token_ids=eos_ids,
+        inv_freq=inv_freq,
+        rope_attention_scaling=attention_scaling,
+    )
+
+
+def _rope(hf: Any, head_dim: int) -> tuple[torch.Tensor, float]:
+    params = getattr(hf, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    if rope_type == "default":
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        return 1.0 / (theta**exponents), 1.0
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"RoPE scaling {rope_type!r} is not supported")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, torch.device("cpu"))
+    return inv_freq.float(), float(scaling)

@@ -1,0 +1,46 @@
+"""Per-step inputs of one forward pass, built by the runner and passed to every layer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from worker.kernels.lora_ref import Segments
+
+
+@dataclass(frozen=True)
+class AttentionGroup:
+    """Sequences whose queries are attended together (decodes; or one prefill chunk)."""
+
+    q_index: torch.Tensor  # [B, Lq] long: token rows of each sequence's queries (equal Lq)
+    ctx_slots: torch.Tensor  # [B, Lk] long: KV slot of every context position (padded)
+    mask: torch.Tensor  # [B, 1, Lq, Lk] bool: causal and padding mask
+
+
+class LoraWeights(Protocol):
+    """One adapter's weights as the model reads them (see worker.lora.adapter)."""
+
+    def a(self, layer: int, module: str) -> torch.Tensor | None: ...  # [in, r]
+    def b(self, layer: int, module: str) -> torch.Tensor | None: ...  # [r, out]
+    def scale(self, layer: int, module: str) -> float: ...
+
+
+@dataclass(frozen=True)
+class LoraBatch:
+    """SGMV segment data: token rows grouped into runs that share an adapter."""
+
+    segments: Segments  # over the T token rows of the batch
+    adapters: Sequence[LoraWeights | None]  # [S] the adapter of each segment (None: base)
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] long: the new tokens of every sequence, concatenated
+    positions: torch.Tensor  # [T] long: position of each token in its sequence
+    slot_mapping: torch.Tensor  # [T] long: KV slot each token's K/V is written to
+    attention: Sequence[AttentionGroup]  # groups covering every token row once
+    logits_index: torch.Tensor  # [N] long: rows whose next-token logits are wanted
+    lora: LoraBatch | None  # None when no sequence in the batch has an adapter

@@ -1,0 +1,163 @@
+"""A Llama-family decoder (Llama, Mistral, Qwen2) over a paged KV cache, with mixed LoRA.
+
+Per layer, for the T new tokens of the batch (h: [T, hidden]):
+    x = RMSNorm(h);  q, k, v = x W_q, x W_k, x W_v  (+ LoRA, + bias)
+    q, k = RoPE(q, k, positions);  write k, v into the cache slots
+    h = h + Attn(q, K_ctx, V_ctx) W_o  (+ LoRA)
+    x = RMSNorm(h);  h = h + (silu(x W_gate) ⊙ (x W_up)) W_down  (+ LoRA on each)
+logits = RMSNorm(h)[logits_index] W_lm
+LoRA on projection m: y += s · (x A) B per token, with that token's adapter (SGMV).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from worker.kernels import lora_ref
+from worker.kernels.attention_ref import paged_attention, write_kv
+from worker.model.config import ModelConfig
+from worker.model.forward_batch import AttentionGroup, ForwardBatch, LoraBatch
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [q_size + 2 kv_size, hidden]  (q, k, v fused)
+    qkv_bias: torch.Tensor | None  # [q_size + 2 kv_size]
+    o: torch.Tensor  # [hidden, q_size]
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2 intermediate, hidden]  (gate, up fused)
+    down: torch.Tensor  # [hidden, intermediate]
+
+
+@dataclass
+class KVCache:
+    k: list[torch.Tensor]  # per layer [num_slots, n_kv, d]
+    v: list[torch.Tensor]  # per layer [num_slots, n_kv, d]
+
+
+class LlamaModel:
+    def __init__(
+        self,
+        config: ModelConfig,
+        embed: torch.Tensor,  # [vocab, hidden]
+        layers: list[LayerWeights],
+        norm: torch.Tensor,  # [hidden]
+        lm_head: torch.Tensor,  # [vocab, hidden] (the embedding when tied)
+    ) -> None:
+        self.config = config
+        self.embed = embed
+        self.layers = layers
+        self.norm = norm
+        self.lm_head = lm_head
+        c = config
+        # Column ranges of each LoRA-able projection inside the fused outputs.
+        self.qkv_split = {
+            "q_proj": (0, c.q_size),
+            "k_proj": (c.q_size, c.q_size + c.kv_size),
+            "v_proj": (c.q_size + c.kv_size, c.q_size + 2 * c.kv_size),
+        }
+        i = c.intermediate_size
+        self.gate_up_split = {"gate_proj": (0, i), "up_proj": (i, 2 * i)}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def allocate_kv(self, num_slots: int) -> KVCache:
+        c = self.config
+        shape = (num_slots, c.num_kv_heads, c.head_dim)
+
+        def zeros() -> torch.Tensor:
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+        return KVCache([zeros() for _ in self.layers], [zeros() for _ in self.layers])
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:  # [N, vocab] float32
+        c = self.config
+        h = self.embed[batch.input_ids]  # [T, hidden]
+        cos, sin = self._rope(batch.positions)  # [T, d]
+        for index, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.input_norm, c.rms_norm_eps)
+            qkv = F.linear(x, layer.qkv, layer.qkv_bias)  # [T, q + 2kv]
+            self._lora(batch.lora, index, x, qkv, self.qkv_split)
+            q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+            q = apply_rope(q.view(-1, c.num_heads, c.head_dim), cos, sin)
+            k = apply_rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
+            v = v.reshape(-1, c.num_kv_heads, c.head_dim)
+            write_kv(kv.k[index], kv.v[index], k, v, batch.slot_mapping)
+            attn = self._attention(q, kv.k[index], kv.v[index], batch.attention)  # [T, q]
+            o = F.linear(attn, layer.o)
+            self._lora(batch.lora, index, attn, o, {"o_proj": (0, c.hidden_size)})
+            h = h + o
+            x = rms_norm(h, layer.post_norm, c.rms_norm_eps)
+            gate_up = F.linear(x, layer.gate_up)  # [T, 2 intermediate]
+            self._lora(batch.lora, index, x, gate_up, self.gate_up_split)
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+            down = F.linear(act, layer.down)
+            self._lora(batch.lora, index, act, down, {"down_proj": (0, c.hidden_size)})
+            h = h + down
+        h = rms_norm(h[batch.logits_index], self.norm, c.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.config.inv_freq.to(positions.device)
+        freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, d]
+        scale = self.config.rope_attention_scaling
+        return (emb.cos() * scale).to(self.dtype), (emb.sin() * scale).to(self.dtype)
+
+    def _attention(
+        self,
+        q: torch.Tensor,  # [T, n_heads, d]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        groups: list[AttentionGroup] | tuple[AttentionGroup, ...],
+    ) -> torch.Tensor:  # [T, n_heads * d]
+        out = torch.empty_like(q)
+        for group in groups:
+            result = paged_attention(q[group.q_index], k_cache, v_cache, group.ctx_slots, group.mask)
+            out[group.q_index] = result
+        return out.flatten(1)
+
+    @staticmethod
+    def _lora(
+        lora: LoraBatch | None,
+        layer: int,
+        x: torch.Tensor,  # [T, in]
+        y: torch.Tensor,  # [T, fused out] updated in place
+        columns: dict[str, tuple[int, int]],  # module -> its column range in y
+    ) -> None:
+        if lora is None:
+            return
+        for module, (lo, hi) in columns.items():
+            a = [None if w is None else w.a(layer, module) for w in lora.adapters]
+            if all(a_s is None for a_s in a):
+                continue
+            b = [None if w is None else w.b(layer, module) for w in lora.adapters]
+            s = [0.0 if w is None else w.scale(layer, module) for w in lora.adapters]
+            v = lora_ref.sgmv_shrink(x, lora.segments, a, s)
+            lora_ref.sgmv_expand(y[:, lo:hi], v, lora.segments, b)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x²) + eps) · weight, computed in float32 like the HF reference."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, d] rotated by position: x·cos + rotate_half(x)·sin (HF's convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
