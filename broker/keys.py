@@ -16,6 +16,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
 from protos.lorapool.v1 import queue_pb2
 
 GROUP = "workers"
@@ -103,3 +109,23 @@ class Code(enum.IntEnum):
 
 def failure(code: Code, message: str) -> queue_pb2.Event:
     return queue_pb2.Event(failure=queue_pb2.Failure(code=int(code), message=message))
+
+
+def async_client(url: str, timeout_s: float) -> aioredis.Redis:
+    """A redis.asyncio client that fails fast (no retries) so callers can answer UNAVAILABLE."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=AsyncRetry(NoBackoff(), 0),
+    )
+
+
+def sync_client(url: str, timeout_s: float) -> redis.Redis:
+    """A blocking client with the same fail-fast behaviour, for workers."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )

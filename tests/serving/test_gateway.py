@@ -1,0 +1,301 @@
+"""The gateway against real Redis, a static registry and a scripted worker."""
+
+from __future__ import annotations
+
+import io
+import math
+import tarfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from broker import keys
+from broker.keys import Limits
+from gateway.registry import AdapterRecord
+from gateway.settings import GatewaySettings
+from protos.lorapool.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
+from tests.serving.fakes import FakeWorker, GatewayThread, StaticRegistry
+from tests.serving.redis_proc import RedisProcess
+
+API, ADMIN = "api-token", "admin-token"
+AUTH = (("authorization", f"Bearer {API}"),)
+ADMIN_AUTH = (("authorization", f"Bearer {ADMIN}"),)
+
+
+def settings(url: str, **kw: object) -> GatewaySettings:
+    base: dict[str, object] = dict(
+        listen="127.0.0.1:0",
+        redis_url=url,
+        api_tokens=(API,),
+        admin_tokens=(ADMIN,),
+        probe_interval_s=0.1,
+        grace_s=5.0,
+    )
+    base.update(kw)
+    return GatewaySettings(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def registry() -> StaticRegistry:
+    return StaticRegistry({"upper": AdapterRecord("upper", 1, "a" * 64)})
+
+
+@pytest.fixture
+def gateway(redis_url: str, registry: StaticRegistry) -> Iterator[GatewayThread]:
+    gw = GatewayThread(settings(redis_url), registry)
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def worker(redis_url: str) -> Iterator[FakeWorker]:
+    w = FakeWorker(redis_url)
+    w.start()
+    yield w
+    w.stopping.set()
+    w.join(5)
+
+
+def stub(gw: GatewayThread) -> generation_pb2_grpc.GenerationStub:
+    return generation_pb2_grpc.GenerationStub(grpc.insecure_channel(gw.target))
+
+
+def generate(
+    gw: GatewayThread, timeout: float = 10, **fields: object
+) -> list[generation_pb2.GenerateResponse]:
+    request = generation_pb2.GenerateRequest(**fields)  # type: ignore[arg-type]
+    return list(stub(gw).Generate(request, metadata=AUTH, timeout=timeout))
+
+
+def status_of(gw: GatewayThread, **fields: object) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as err:
+        generate(gw, **fields)
+    return err.value.code()  # type: ignore[attr-defined, no-any-return]
+
+
+def test_streams_in_order_and_ends_with_one_final(
+    gateway: GatewayThread, worker: FakeWorker
+) -> None:
+    out = generate(gateway, adapter="upper", text="hello", request_id="r-1")
+    deltas = [r.delta for r in out if r.HasField("delta")]
+    assert "".join(d.text for d in deltas) == "HELLO"
+    assert [d.seq for d in deltas] == [1, 2, 3, 4, 5]
+    assert out[-1].HasField("final") and sum(r.HasField("final") for r in out) == 1
+    assert out[-1].final.request_id == "r-1" and out[-1].final.completion_tokens == 5
+    assert out[-1].final.time_to_first_token_s > 0
+    assert worker.seen[-1].adapter_digest == "a" * 64
+
+
+def test_auth_refuses_before_any_handler_work(
+    gateway: GatewayThread, registry: StaticRegistry, redis_url: str
+) -> None:
+    request = generation_pb2.GenerateRequest(adapter="upper", text="hi")
+    for metadata in [(), (("authorization", "Bearer nope"),), (("authorization", API),)]:
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub(gateway).Generate(request, metadata=metadata, timeout=5))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    admin = admin_pb2_grpc.AdminStub(grpc.insecure_channel(gateway.target))
+    with pytest.raises(grpc.RpcError) as err:
+        admin.Get(admin_pb2.AdapterRef(ref="upper"), metadata=AUTH, timeout=5)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert registry.lookups == 0
+    assert redis.Redis.from_url(redis_url).get(keys.TOTAL) is None
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(gateway.target))
+    reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+BAD = [
+    (dict(text=""), grpc.StatusCode.INVALID_ARGUMENT, "text"),
+    (dict(text="   "), grpc.StatusCode.INVALID_ARGUMENT, "text"),
+    (dict(), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    (dict(text="x", sampling=dict(max_tokens=0)), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    (
+        dict(text="x", sampling=dict(max_tokens=10**6)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "max_tokens",
+    ),
+    (
+        dict(text="x", sampling=dict(temperature=math.nan)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "temperature",
+    ),
+    (dict(text="x", sampling=dict(top_p=0.0)), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    (dict(text="x", sampling=dict(top_p=1.5)), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    (dict(text="x", sampling=dict(stop=[""])), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
+    (
+        dict(text="x", chat=dict(messages=[dict(role="god", content="x")])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "role",
+    ),
+    (dict(text="x" * 70_000), grpc.StatusCode.INVALID_ARGUMENT, "text"),
+    (dict(text="x" * 5_000_000), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+    (dict(text="x", adapter="nope"), grpc.StatusCode.NOT_FOUND, "nope"),
+    (dict(text="x", adapter="../../etc/passwd"), grpc.StatusCode.INVALID_ARGUMENT, "adapter"),
+    (dict(text="x", adapter="a/b"), grpc.StatusCode.INVALID_ARGUMENT, "adapter"),
+    (dict(text="x", request_id="bad id"), grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
+]
+
+
+@pytest.mark.parametrize(("fields", "code", "word"), BAD)
+def test_bad_requests_get_the_right_status_and_enqueue_nothing(
+    gateway: GatewayThread,
+    redis_url: str,
+    fields: dict[str, object],
+    code: grpc.StatusCode,
+    word: str,
+) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        generate(gateway, **fields)
+    assert err.value.code() == code
+    assert word in (err.value.details() or "")
+    assert redis.Redis.from_url(redis_url).get(keys.TOTAL) is None
+
+
+def test_cancel_propagates_to_the_worker(
+    gateway: GatewayThread, worker: FakeWorker, redis_url: str
+) -> None:
+    worker.delay_s = 0.05
+    call = stub(gateway).Generate(
+        generation_pb2.GenerateRequest(text="x" * 200, request_id="c-1"), metadata=AUTH, timeout=30
+    )
+    got = [next(call) for _ in range(3)]
+    assert all(r.HasField("delta") for r in got)
+    call.cancel()
+    deadline = time.monotonic() + 2
+    while "c-1" not in worker.stopped_early and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert worker.stopped_early == ["c-1"]
+
+
+def test_deadline_exceeded_stops_the_worker(gateway: GatewayThread, worker: FakeWorker) -> None:
+    worker.delay_s = 0.05
+    with pytest.raises(grpc.RpcError) as err:
+        generate(gateway, timeout=0.5, text="y" * 200, request_id="d-1")
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 2
+    while "d-1" not in worker.stopped_early and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert worker.stopped_early == ["d-1"]
+
+
+def test_overload_answers_resource_exhausted_fast(redis_url: str, registry: StaticRegistry) -> None:
+    gw = GatewayThread(
+        settings(redis_url, queue_limits=Limits(max_depth_per_adapter=4, max_depth_total=6)),
+        registry,
+    )
+    w = FakeWorker(redis_url, delay_s=0.002)
+    try:
+
+        def one(i: int) -> tuple[str, float]:
+            t0 = time.monotonic()
+            try:
+                generate(gw, timeout=30, text="abcdefgh", request_id=f"o-{i}")
+                return "ok", time.monotonic() - t0
+            except grpc.RpcError as exc:
+                return exc.code().name, time.monotonic() - t0  # type: ignore[attr-defined]
+
+        with ThreadPoolExecutor(32) as pool:
+            futures = [pool.submit(one, i) for i in range(64)]
+            time.sleep(1.0)  # let the queue fill before any worker drains it
+            w.start()
+            results = [f.result() for f in futures]
+        codes = [c for c, _ in results]
+        assert codes.count("ok") >= 4 and codes.count("RESOURCE_EXHAUSTED") >= 32
+        assert set(codes) <= {"ok", "RESOURCE_EXHAUSTED"}
+        assert max(t for c, t in results if c == "RESOURCE_EXHAUSTED") < 1.0
+    finally:
+        w.stopping.set()
+        gw.stop()
+
+
+def test_redis_outage_unavailable_fast_then_recovers(
+    gateway: GatewayThread, worker: FakeWorker, redis_proc: RedisProcess
+) -> None:
+    assert generate(gateway, text="ok")[-1].HasField("final")
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(gateway.target))
+    check = health_pb2.HealthCheckRequest(service="lorapool.v1.Generation")
+    redis_proc.stop()
+    t0 = time.monotonic()
+    assert status_of(gateway, text="down") == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - t0 < 2.0
+    time.sleep(0.5)
+    assert health.Check(check, timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    redis_proc.start()
+    deadline = time.monotonic() + 5
+    while health.Check(check, timeout=5).status != health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert "".join(r.delta.text for r in generate(gateway, text="back")) == "BACK"
+
+
+def test_registry_down_is_unavailable_not_a_hang(
+    gateway: GatewayThread, registry: StaticRegistry
+) -> None:
+    registry.down = True
+    t0 = time.monotonic()
+    assert status_of(gateway, text="x", adapter="upper:2") == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - t0 < 5
+
+
+def test_admin_upload_get_delete(gateway: GatewayThread, registry: StaticRegistry) -> None:
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for name, data in [("a/adapter_config.json", b"{}"), ("a/adapter_model.safetensors", b"x")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    blob = archive.getvalue()
+    chunks = [admin_pb2.UploadChunk(header=admin_pb2.UploadHeader(name="new", description="d"))]
+    chunks += [admin_pb2.UploadChunk(data=blob[i : i + 100]) for i in range(0, len(blob), 100)]
+    admin = admin_pb2_grpc.AdminStub(grpc.insecure_channel(gateway.target))
+    info = admin.Upload(iter(chunks), metadata=ADMIN_AUTH, timeout=10)
+    assert info.name == "new" and info.description == "d"
+    assert admin.Get(admin_pb2.AdapterRef(ref="new"), metadata=ADMIN_AUTH, timeout=5).name == "new"
+    listed = stub(gateway).ListAdapters(
+        generation_pb2.ListAdaptersRequest(), metadata=AUTH, timeout=5
+    )
+    assert {a.name for a in listed.adapters} == {"upper", "new"}
+    admin.Delete(admin_pb2.AdapterRef(ref="new"), metadata=ADMIN_AUTH, timeout=5)
+    with pytest.raises(grpc.RpcError) as err:
+        admin.Get(admin_pb2.AdapterRef(ref="new"), metadata=ADMIN_AUTH, timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        admin.Upload(
+            iter(chunks[:1] + [admin_pb2.UploadChunk(data=b"not a tar")]),
+            metadata=ADMIN_AUTH,
+            timeout=5,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_graceful_shutdown_lets_open_streams_finish(
+    redis_url: str, registry: StaticRegistry
+) -> None:
+    gw = GatewayThread(settings(redis_url), registry)
+    w = FakeWorker(redis_url, delay_s=0.02)
+    w.start()
+    try:
+        call = stub(gw).Generate(
+            generation_pb2.GenerateRequest(text="z" * 40), metadata=AUTH, timeout=20
+        )
+        first = next(call)
+        stopper = ThreadPoolExecutor(1).submit(gw.stop)
+        rest = list(call)
+        stopper.result(10)
+        assert first.HasField("delta") and rest[-1].HasField("final")
+    finally:
+        w.stopping.set()
+
+
+def test_settings_refuse_open_non_loopback() -> None:
+    with pytest.raises(ValueError, match="without tokens"):
+        GatewaySettings(listen="0.0.0.0:50051")
+    GatewaySettings(listen="0.0.0.0:50051", insecure=True)
+    GatewaySettings(listen="0.0.0.0:50051", api_tokens=("t",))
+    GatewaySettings(listen="[::1]:50051")
