@@ -88,5 +88,7 @@ class StoreSettings:
                 given.setdefault("database_url", f"sqlite:///{data_dir / 'registry.sqlite3'}")
             if not env.get("LORAPOOL_BLOB_DIR"):
                 given.setdefault("blob_dir", data_dir / "blobs")
-        converted: dict[str, Any] = {k: Path(v) if k.endswith("_dir") else v for k, v in given.items()}
+        converted: dict[str, Any] = {
+            k: Path(v) if k.endswith("_dir") else v for k, v in given.items()
+        }
         return replace(settings, **converted)
