@@ -174,13 +174,13 @@ class Consumer:
     def __init__(self, client: redis.Redis, worker: str, limits: keys.Limits) -> None:
         self._client = client
         self.worker = worker
-        self._limits = limits
+        self.limits = limits
         self._claim = client.register_script(_CLAIM)
         self._ack = client.register_script(_ACK)
         self._drop_empty = client.register_script(_DROP_EMPTY)
 
     def heartbeat(self) -> None:
-        ttl_ms = int(self._limits.heartbeat_ttl_s * 1000)
+        ttl_ms = int(self.limits.heartbeat_ttl_s * 1000)
         self._client.set(keys.heartbeat(self.worker), b"1", px=ttl_ms)
 
     def retire(self) -> None:
@@ -232,7 +232,7 @@ class Consumer:
             stream, keys.GROUP, "-", "+", 100, consumername=name
         )
         deliveries = {_text(p["message_id"]): int(p["times_delivered"]) + 1 for p in pending}
-        min_idle = int(self._limits.heartbeat_ttl_s * 1000)
+        min_idle = int(self.limits.heartbeat_ttl_s * 1000)
         entries: Any = self._client.xclaim(
             stream, keys.GROUP, self.worker, min_idle, list(deliveries)
         )
@@ -256,7 +256,7 @@ class Consumer:
                 "reason": reason,
                 "adapter": claimed.adapter,
             },
-            maxlen=self._limits.dead_letter_maxlen,
+            maxlen=self.limits.dead_letter_maxlen,
             approximate=True,
         )
         self.ack(claimed)

@@ -1,0 +1,326 @@
+"""The worker's service loop: claim jobs from Redis into the engine and publish its tokens.
+
+    tick():  claim (continuously, adapter affinity) → check cancel / deadline flags →
+             engine.step() → publish events → ack jobs whose terminal event went out
+
+A worker that dies is replaced by whoever reclaims its pending jobs: a job that had not
+streamed a token yet runs again from scratch (the client never notices); a job that had
+streamed tokens ends with a retryable UNAVAILABLE naming how many tokens it got.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import redis
+
+from broker.keys import BASE, Code, failure
+from broker.queue import Claimed, Consumer
+from broker.results import Outgoing, Publisher, StartState
+from protos.lorapool.v1 import generation_pb2, queue_pb2
+from worker.metrics import WorkerMetrics
+from worker.sequence import FinishReason, SamplingParams, TokenEvent
+
+log = logging.getLogger(__name__)
+
+FINISH = {
+    FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
+}
+
+
+class AdapterFetchError(Exception):
+    """An adapter blob could not be fetched or verified."""
+
+
+class EngineLike(Protocol):
+    def register_adapter(self, adapter_id: str, source: Path) -> None: ...
+    def add_request(
+        self, request_id: str, prompt: Any, sampling: SamplingParams, adapter_id: str | None = None
+    ) -> None: ...
+    def cancel(self, request_id: str) -> None: ...
+    def step(self) -> list[TokenEvent]: ...
+    def has_unfinished(self) -> bool: ...
+    def stats(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    max_active: int = 64  # jobs claimed at once (running or waiting in the engine)
+    claim_batch: int = 8  # jobs per claim
+    max_wait_ms: float = 2000  # an adapter's oldest job waiting longer is served first
+    idle_sleep_s: float = 0.01
+    reclaim_interval_s: float = 1.0
+    heartbeat_interval_s: float = 0.5
+    flags_interval_s: float = 0.05
+    drain_s: float = 30.0  # on SIGTERM: time to finish running jobs before handing them back
+    result_ttl_s: int = 120
+
+
+@dataclass
+class Active:
+    claimed: Claimed
+    attempt: int
+    admitted_ms: float
+    deltas: int = 0
+    stop: Code | None = None  # why we cancelled it: CANCELLED, DEADLINE_EXCEEDED, NOT_FOUND (lost)
+
+    @property
+    def request_id(self) -> str:
+        return self.claimed.job.request_id
+
+
+def sampling_of(request: generation_pb2.GenerateRequest) -> SamplingParams:
+    s = request.sampling
+    return SamplingParams(
+        temperature=s.temperature if s.HasField("temperature") else 0.0,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        top_k=s.top_k,
+        seed=s.seed if s.HasField("seed") else None,
+        max_tokens=s.max_tokens or 64,
+        stop=tuple(s.stop),
+        ignore_eos=s.ignore_eos,
+    )
+
+
+def prompt_of(request: generation_pb2.GenerateRequest) -> str | list[int] | list[dict[str, str]]:
+    kind = request.WhichOneof("prompt")
+    if kind == "chat":
+        return [{"role": m.role, "content": m.content} for m in request.chat.messages]
+    if kind == "token_ids":
+        return list(request.token_ids.ids)
+    return request.text
+
+
+class WorkerService:
+    def __init__(
+        self,
+        engine: EngineLike,
+        consumer: Consumer,
+        publisher: Publisher,
+        fetch: Callable[[str], Path],
+        settings: ServiceSettings,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self.engine = engine
+        self.consumer = consumer
+        self.publisher = publisher
+        self.fetch = fetch
+        self.settings = settings
+        self.metrics = metrics
+        self.active: dict[str, Active] = {}
+        self.held: set[str] = {BASE}  # adapter keys registered with the engine
+        self._outbox: list[tuple[Outgoing, Claimed | None]] = []
+        self._due = {"reclaim": 0.0, "flags": 0.0}
+
+    # -- the loop -----------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve until `stop` is set, then drain for `drain_s` and hand back the rest."""
+        beating = threading.Event()
+        beat = threading.Thread(target=self._heartbeats, args=(beating,), daemon=True)
+        beat.start()
+        drain_until: float | None = None
+        while drain_until is None or (self.active and time.monotonic() < drain_until):
+            if stop.is_set() and drain_until is None:
+                drain_until = time.monotonic() + self.settings.drain_s
+                log.info("stopping: draining %d jobs", len(self.active))
+            try:
+                self.tick(accepting=drain_until is None)
+            except redis.RedisError as exc:
+                log.warning("Redis error: %s; retrying", exc)
+                time.sleep(0.5)
+        beating.set()
+        beat.join(5)
+        self._hand_back()
+
+    def tick(self, accepting: bool = True) -> None:
+        now = time.monotonic()
+        if accepting:
+            self._claim()
+        if now >= self._due["reclaim"]:
+            self._due["reclaim"] = now + self.settings.reclaim_interval_s
+            for claimed in self.consumer.reclaim():
+                self._admit(claimed)
+        if now >= self._due["flags"]:
+            self._due["flags"] = now + self.settings.flags_interval_s
+            self._check_flags()
+        if self.engine.has_unfinished():
+            t0 = time.perf_counter()
+            events = self.engine.step()
+            self.metrics.step_seconds.observe(time.perf_counter() - t0)
+            self.metrics.batch_size.observe(max(self.engine.stats().running, 1))
+            self._on_events(events)
+        self._flush()
+        self.metrics.active.set(len(self.active))
+        if not self.active and not self._outbox:
+            time.sleep(self.settings.idle_sleep_s)
+
+    # -- claiming and admission ---------------------------------------------------
+
+    def _claim(self) -> None:
+        room = min(self.settings.claim_batch, self.settings.max_active - len(self.active))
+        if room > 0:
+            for claimed in self.consumer.claim(self.held, room, self.settings.max_wait_ms):
+                self._admit(claimed)
+
+    def _admit(self, claimed: Claimed) -> None:
+        job = claimed.job
+        if claimed.deliveries > self.consumer.limits.max_deliveries:
+            self.consumer.dead_letter(claimed, f"delivered {claimed.deliveries} times")
+            self._end(
+                claimed,
+                0,
+                Code.INTERNAL,
+                f"job failed on {claimed.deliveries - 1} workers; dead-lettered",
+            )
+            return
+        start = self.publisher.begin(job.request_id)
+        if start.state is StartState.READY and time.time() * 1000 > job.deadline_ms:
+            self._end(
+                claimed, start.attempt, Code.DEADLINE_EXCEEDED, "deadline passed while queued"
+            )
+        elif start.state is StartState.READY:
+            self._start(claimed, start.attempt)
+        elif start.state is StartState.TOKENS_SENT:
+            self._end(claimed, 0, Code.UNAVAILABLE, f"worker lost after {start.sent} tokens; retry")
+        elif start.state is StartState.CANCELLED:
+            self._end(claimed, 0, Code.CANCELLED, "cancelled")
+        else:  # LOST or DONE: nothing to say to anyone
+            self.consumer.ack(claimed)
+
+    def _start(self, claimed: Claimed, attempt: int) -> None:
+        job = claimed.job
+        try:
+            adapter = self._ensure_adapter(job.adapter_digest)
+            sampling = sampling_of(job.request)
+            self.engine.add_request(job.request_id, prompt_of(job.request), sampling, adapter)
+        except AdapterFetchError as exc:
+            self._end(claimed, attempt, Code.FAILED_PRECONDITION, str(exc))
+            return
+        except ValueError as exc:
+            self._end(claimed, attempt, Code.INVALID_ARGUMENT, str(exc))
+            return
+        now_ms = time.time() * 1000
+        self.metrics.queue_seconds.observe(max(now_ms - job.enqueued_ms, 0) / 1000)
+        self.active[job.request_id] = Active(claimed, attempt, now_ms)
+
+    def _ensure_adapter(self, digest: str) -> str | None:
+        if not digest:
+            return None
+        if digest not in self.held:
+            t0 = time.perf_counter()
+            self.engine.register_adapter(digest, self.fetch(digest))
+            self.metrics.adapter_load_seconds.observe(time.perf_counter() - t0)
+            self.held.add(digest)
+            self.metrics.adapters_resident.set(len(self.held) - 1)
+        return digest
+
+    # -- flags, events, publishing ------------------------------------------------
+
+    def _check_flags(self) -> None:
+        now_ms = time.time() * 1000
+        flags = self.publisher.flags([rid for rid, a in self.active.items() if a.stop is None])
+        for rid, a in self.active.items():
+            if a.stop is not None:
+                continue
+            if rid in flags:
+                a.stop = Code.CANCELLED if flags[rid] == "cancel" else Code.NOT_FOUND
+            elif now_ms > a.claimed.job.deadline_ms:
+                a.stop = Code.DEADLINE_EXCEEDED
+            if a.stop is not None:
+                self.engine.cancel(rid)
+
+    def _on_events(self, events: list[TokenEvent]) -> None:
+        for event in events:
+            a = self.active.get(event.request_id)
+            if a is None:
+                continue
+            if event.token_ids or event.text:
+                a.deltas += 1
+                self.metrics.tokens.inc(len(event.token_ids))
+                delta = generation_pb2.TokenDelta(
+                    seq=a.deltas, text=event.text, token_ids=event.token_ids
+                )
+                self._send(a, queue_pb2.Event(delta=delta), len(event.token_ids))
+            if event.finished:
+                self._finish(a, event)
+
+    def _finish(self, a: Active, event: TokenEvent) -> None:
+        del self.active[a.request_id]
+        reason = event.finish_reason
+        if reason in FINISH:
+            final = generation_pb2.Final(
+                finish_reason=FINISH[reason],  # type: ignore[index]
+                prompt_tokens=event.prompt_tokens,
+                completion_tokens=event.completion_tokens,
+                queue_time_s=max(a.admitted_ms - a.claimed.job.enqueued_ms, 0) / 1000,
+            )
+            self._send(a, queue_pb2.Event(final=final), 0, ack=True)
+            self.metrics.jobs.labels(outcome=str(reason)).inc()
+        elif a.stop is Code.NOT_FOUND:  # the request vanished from Redis: no one is listening
+            self.consumer.ack(a.claimed)
+            self.metrics.jobs.labels(outcome="lost").inc()
+        else:
+            code = a.stop or Code.FAILED_PRECONDITION
+            self._end(a.claimed, a.attempt, code, event.error or code.name.lower())
+
+    def _send(self, a: Active, event: queue_pb2.Event, tokens: int, ack: bool = False) -> None:
+        out = Outgoing(a.request_id, a.attempt, event, self._ttl_ms(a.claimed.job), tokens)
+        self._outbox.append((out, a.claimed if ack else None))
+
+    def _end(self, claimed: Claimed, attempt: int, code: Code, message: str) -> None:
+        """Publish a terminal failure for `claimed`, then ack it."""
+        out = Outgoing(
+            claimed.job.request_id, attempt, failure(code, message), self._ttl_ms(claimed.job)
+        )
+        self._outbox.append((out, claimed))
+        self.metrics.jobs.labels(outcome=code.name.lower()).inc()
+
+    def _flush(self) -> None:
+        """Publish everything pending in order; on a Redis error keep it for the next tick."""
+        if not self._outbox:
+            return
+        self.publisher.publish([out for out, _ in self._outbox])
+        sent, self._outbox = self._outbox, []
+        for _, claimed in sent:
+            if claimed is not None:
+                self.consumer.ack(claimed)
+
+    def _ttl_ms(self, job: queue_pb2.Job) -> int:
+        return max(int(job.deadline_ms - time.time() * 1000), 0) + self.settings.result_ttl_s * 1000
+
+    # -- liveness and shutdown ----------------------------------------------------
+
+    def _heartbeats(self, done: threading.Event) -> None:
+        while True:
+            try:
+                self.consumer.heartbeat()
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+            if done.wait(self.settings.heartbeat_interval_s):
+                return
+
+    def _hand_back(self) -> None:
+        """After the drain: jobs that streamed nothing go back to the queue; others end."""
+        for a in list(self.active.values()):
+            self.engine.cancel(a.request_id)
+            if a.deltas:
+                self._end(
+                    a.claimed,
+                    a.attempt,
+                    Code.UNAVAILABLE,
+                    f"worker stopped after {a.deltas} tokens; retry",
+                )
+        self.active.clear()
+        try:
+            self._flush()
+            self.consumer.retire()  # others reclaim what is left pending, at once
+        except redis.RedisError as exc:
+            log.warning("could not hand back cleanly: %s", exc)
