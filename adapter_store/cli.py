@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from botocore.exceptions import BotoCoreError, ClientError
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -76,7 +77,8 @@ def cmd_upload(
 ) -> None:
     base = BaseModelSpec.from_hf_dir(settings.base_model_dir)
     blobs = open_blob_store(settings)
-    with Progress(console=Console(stderr=True), transient=True) as bar:
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task(f"upload {args.name}", total=len(STAGES))
 
         def report(stage: str) -> None:
@@ -162,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SQLAlchemyError as exc:
         first = str(exc).splitlines()[0]
         return _fail(f"database error (has `lorapool-admin migrate` run?): {first}")
+    except (BotoCoreError, ClientError) as exc:
+        return _fail(f"blob store error: {exc}")
     except OSError as exc:
         return _fail(f"I/O error: {exc}")
     finally:
