@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,24 +66,35 @@ def _as_postgres_user(cmd: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
-    """(host, port) of a PostgreSQL server with trust auth for user postgres."""
+def postgres_server() -> Iterator[tuple[str, int]]:
+    """(host, port) of a PostgreSQL server with trust auth for user postgres.
+
+    The local server when one answers; otherwise one started here (initdb +
+    pg_ctl in a temporary directory, as the postgres user when we are root).
+    """
     if _answers(*LOCAL_PG):
         yield LOCAL_PG
         return
-    root = tmp_path_factory.mktemp("pg")
+    # Not under pytest's tmp dir: that is private to root, and postgres must reach it.
+    root = Path(tempfile.mkdtemp(prefix="lorapool-test-pg-"))
     data, port = root / "data", _free_port()
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
-    run = [_pg_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"]
-    subprocess.run(_as_postgres_user(run), check=True, capture_output=True)
+    _run([_pg_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"])
     options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
     ctl = [_pg_bin("pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-o", options, "-w"]
-    subprocess.run(_as_postgres_user([*ctl, "start"]), check=True, capture_output=True)
+    _run([*ctl, "start"])
     try:
         yield ("127.0.0.1", port)
     finally:
-        subprocess.run(_as_postgres_user([*ctl, "-m", "fast", "stop"]), check=False)
+        _run([*ctl, "-m", "fast", "stop"])
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _run(cmd: list[str]) -> None:
+    done = subprocess.run(_as_postgres_user(cmd), capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed: {done.stderr.strip() or done.stdout.strip()}")
 
 
 def _admin(server: tuple[str, int], sql: str) -> None:
