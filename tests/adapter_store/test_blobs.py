@@ -11,11 +11,16 @@ from pathlib import Path
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
+from sqlalchemy.orm import Session, sessionmaker
 
+from adapter_store.basemodel import BaseModelSpec
 from adapter_store.blobs import BlobStore, LocalBlobStore, open_blob_store
+from adapter_store.collector import collect_garbage
 from adapter_store.errors import BlobCorrupt, BlobNotFound, InvalidDigest
 from adapter_store.s3blobs import S3BlobStore
 from adapter_store.settings import StoreSettings
+from adapter_store.upload import upload_adapter
+from tests.adapter_store.builders import write_lora
 from tests.adapter_store.conftest import _free_port
 
 BUCKET = "lorapool-test"
@@ -145,3 +150,26 @@ def test_s3_settings_select_the_s3_backend(moto_endpoint: str, tmp_path: Path) -
     digest = store.put(b"x")
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="deploy/")["Contents"]]
     assert keys == [f"deploy/blobs/sha256/{digest[:2]}/{digest[2:]}"]
+
+
+def test_upload_and_gc_against_s3(
+    moto_endpoint: str,
+    tmp_path: Path,
+    committed_factory: sessionmaker[Session],
+    tiny_base: BaseModelSpec,
+    unique_name: str,
+) -> None:
+    store = open_blob_store(s3_settings(moto_endpoint, tmp_path, f"gc-{unique_name}"))
+    assert isinstance(store, S3BlobStore)
+    ensure_bucket(store.client)
+    seed = int(unique_name.rsplit("-", 1)[1], 16) % 2**31
+    directory = write_lora(tmp_path / "a", tiny_base, seed=seed)
+    adapter = upload_adapter(
+        committed_factory, store, directory, unique_name, base=tiny_base, max_rank=16
+    )
+    orphan = store.put(b"orphan")
+    report = collect_garbage(committed_factory, store, grace_s=0)
+    assert report.deleted == [orphan]
+    assert list(store.list_digests()) == [adapter.digest]
+    store.fetch_to(adapter.digest, tmp_path / "worker" / "adapter.safetensors")
+    assert (tmp_path / "worker" / "adapter.safetensors").stat().st_size == adapter.size_bytes

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +23,7 @@ from adapter_store.collector import collect_garbage
 from adapter_store.models import Adapter, AdapterStatus
 from adapter_store.upload import upload_adapter
 from tests.adapter_store.builders import write_lora
+from tests.adapter_store.conftest import TINY_CONFIG
 
 UPLOADERS = 20
 
@@ -164,3 +168,49 @@ def test_gc_during_a_slow_upload_keeps_its_blob(
     assert blobs.get(adapter.digest)
     with committed_factory() as session:
         assert repository.resolve(session, unique_name).digest == adapter.digest
+
+
+CRASHING_UPLOAD = """
+import json, os, sys
+from pathlib import Path
+from adapter_store import db, upload
+from adapter_store.basemodel import BaseModelSpec
+from adapter_store.blobs import LocalBlobStore
+
+url, blob_dir, adapter_dir, name, base = sys.argv[1:6]
+register = upload.register
+
+def register_then_die(*args, **kwargs):
+    register(*args, **kwargs)  # the row is flushed inside the open transaction
+    os._exit(17)  # the process dies before the commit
+
+upload.register = register_then_die
+factory = db.make_session_factory(db.make_engine(url))
+spec = BaseModelSpec.from_config_dict(json.loads(base))
+upload.upload_adapter(factory, LocalBlobStore(Path(blob_dir)), Path(adapter_dir), name, base=spec, max_rank=16)
+"""
+
+
+def test_killed_process_between_blob_and_commit_leaves_no_ready_row(
+    database_url: str,
+    committed_factory: sessionmaker[Session],
+    blobs: LocalBlobStore,
+    tmp_path: Path,
+    unique_name: str,
+    tiny_base: BaseModelSpec,
+) -> None:
+    directory = write_lora(tmp_path / "a", tiny_base, seed=fresh_seed())
+    argv = [database_url, str(blobs.root), str(directory), unique_name, json.dumps(TINY_CONFIG)]
+    done = subprocess.run(
+        [sys.executable, "-c", CRASHING_UPLOAD, *argv], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 17, done.stderr
+    assert rows(committed_factory, unique_name) == []
+    (orphan,) = blobs.list_digests()
+    make_old(blobs, orphan)
+    assert collect_garbage(committed_factory, blobs, grace_s=3600).deleted == [orphan]
+    # The name is usable afterwards: the next upload gets version 1.
+    adapter = upload_adapter(
+        committed_factory, blobs, directory, unique_name, base=tiny_base, max_rank=16
+    )
+    assert (adapter.version, adapter.status) == (1, AdapterStatus.READY)
