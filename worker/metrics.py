@@ -34,6 +34,9 @@ class WorkerMetrics:
             buckets=SECONDS,
             registry=r,
         )
+        self.free_pages = Gauge(
+            "lorapool_worker_free_pages", "Free pages in the page pool", registry=r
+        )
         self.active = Gauge(
             "lorapool_worker_active_jobs", "Jobs claimed and not yet acked", registry=r
         )

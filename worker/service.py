@@ -159,6 +159,7 @@ class WorkerService:
             self._on_events(events)
         self._flush()
         self.metrics.active.set(len(self.active))
+        self.metrics.free_pages.set(self.engine.stats().free_pages)
         if not self.active and not self._outbox:
             time.sleep(self.settings.idle_sleep_s)
 

@@ -1,0 +1,105 @@
+"""The real stack for end-to-end tests: gateway and workers as subprocesses, real registry."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from broker import keys
+from tests.serving.redis_proc import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Stack:
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env = env
+        self.logs = logs
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.gateway: subprocess.Popen[bytes] | None = None
+        self.workers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+
+    def _spawn(self, argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
+        out = (self.logs / log_name).open("ab")
+        return subprocess.Popen(
+            [sys.executable, *argv], env=self.env, cwd=ROOT, stdout=out, stderr=out
+        )
+
+    def start_gateway(self) -> None:
+        self.gateway = self._spawn(["-m", "gateway", "--listen", self.target], "gateway.log")
+        stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(self.target))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.2)
+        raise RuntimeError("gateway did not become healthy")
+
+    def start_worker(self, name: str) -> None:
+        port = free_port()
+        argv = ["-m", "worker", "--name", name, "--metrics-port", str(port), "--drain", "5"]
+        self.workers[name] = (self._spawn(argv, f"{name}.log"), port)
+
+    def wait_workers(self, timeout_s: float = 180) -> None:
+        client = redis.Redis.from_url(self.env["LORAPOOL_REDIS_URL"])
+        deadline = time.monotonic() + timeout_s
+        for name, (proc, _) in self.workers.items():
+            while not client.exists(keys.heartbeat(name)):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"worker {name} did not start; see {self.logs / (name + '.log')}"
+                    )
+                time.sleep(0.2)
+
+    def kill_worker(self, name: str) -> None:
+        proc, _ = self.workers.pop(name)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def metric(self, name: str, metric: str) -> float:
+        port = self.workers[name][1]
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        line = next(ln for ln in text.splitlines() if ln.startswith(metric + " "))
+        return float(line.split()[1])
+
+    def stop(self) -> None:
+        procs = [p for p, _ in self.workers.values()] + ([self.gateway] if self.gateway else [])
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def base_env(
+    data_dir: Path, redis_url: str, database_url: str, base_model_dir: Path
+) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        LORAPOOL_DATA_DIR=str(data_dir),
+        LORAPOOL_REDIS_URL=redis_url,
+        LORAPOOL_DATABASE_URL=database_url,
+        LORAPOOL_BASE_MODEL_DIR=str(base_model_dir),
+        LORAPOOL_MAX_DEPTH_PER_ADAPTER="6",
+        LORAPOOL_MAX_DEPTH_TOTAL="10",
+        LORAPOOL_MAX_NUM_SEQS="8",
+        LORAPOOL_NUM_PAGES="512",
+        LORAPOOL_LOG_LEVEL="INFO",
+    )
+    env.pop("LORAPOOL_API_TOKENS", None)
+    env.pop("LORAPOOL_ADMIN_TOKENS", None)
+    return env
