@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-VERSION_RE = re.compile(r"^[1-9][0-9]{0,9}$")
+VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
 # Dialect name → its INSERT construct that supports ON CONFLICT DO NOTHING.
 UPSERT_INSERTS: dict[str, Callable[..., Any]] = {
     "postgresql": postgresql.insert,
