@@ -25,6 +25,7 @@ from adapter_store.settings import SettingsError, StoreSettings
 from adapter_store.upload import STAGES, upload_adapter
 
 LIST_COLUMNS = ("name", "version", "status", "adapter_type", "rank", "dtype", "size_bytes")
+LIST_HEADERS = {"adapter_type": "type", "size_bytes": "bytes"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +105,11 @@ def cmd_list(_s: StoreSettings, factory: sessionmaker[Session], args: argparse.N
     if args.json:
         sys.stdout.write(json.dumps([a.to_dict() for a in adapters], indent=2) + "\n")
         return
-    table = Table(*LIST_COLUMNS, "digest")
+    longest = max((len(a.name) for a in adapters), default=4)
+    table = Table()
+    table.add_column("name", no_wrap=True, min_width=longest)
+    for column in (*LIST_COLUMNS[1:], "digest"):
+        table.add_column(LIST_HEADERS.get(column, column))
     for adapter in adapters:
         row = adapter.to_dict()
         table.add_row(*(str(row[c]) for c in LIST_COLUMNS), adapter.digest[:12])
@@ -118,7 +123,9 @@ def cmd_show(_s: StoreSettings, factory: sessionmaker[Session], args: argparse.N
     if args.json:
         sys.stdout.write(json.dumps(row, indent=2) + "\n")
         return
-    table = Table("field", "value", show_header=False)
+    table = Table(show_header=False)
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")
     for key, value in row.items():
         table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
     Console().print(table)

@@ -24,7 +24,6 @@ def flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database_url: str) ->
     for key in list(os.environ):
         if key.startswith("LORAPOOL_"):
             monkeypatch.delenv(key)
-    monkeypatch.setenv("COLUMNS", "200")  # rich tables: no truncated names
     base_dir = tmp_path / "base"
     base_dir.mkdir()
     (base_dir / "config.json").write_text(json.dumps(TINY_CONFIG))
@@ -77,7 +76,7 @@ def test_upload_list_show_delete_gc(
     code, out, _ = run(capsys, *flags, "show", unique_name, "--json")
     assert code == 0 and json.loads(out)["digest"] == digest
     code, out, _ = run(capsys, *flags, "show", f"{unique_name}:1")
-    assert code == 0 and digest in out
+    assert code == 0 and digest[:32] in out  # long values fold across lines
 
     assert run(capsys, *flags, "delete", unique_name)[:2] == (0, f"deleted {unique_name}:1\n")
     assert_one_line_error(run(capsys, *flags, "show", unique_name), f"no adapter '{unique_name}'")
