@@ -3,9 +3,8 @@
     tick():  claim (continuously, adapter affinity) → check cancel / deadline flags →
              engine.step() → publish events → ack jobs whose terminal event went out
 
-A worker that dies is replaced by whoever reclaims its pending jobs: a job that had not
-streamed a token yet runs again from scratch (the client never notices); a job that had
-streamed tokens ends with a retryable UNAVAILABLE naming how many tokens it got.
+A dead worker's jobs are reclaimed by others: one that streamed nothing reruns from scratch,
+one that streamed tokens ends with a retryable UNAVAILABLE (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
 import redis
 
@@ -24,30 +22,18 @@ from broker.keys import BASE, Code, failure
 from broker.queue import Claimed, Consumer
 from broker.results import Outgoing, Publisher, StartState
 from protos.lorapool.v1 import generation_pb2, queue_pb2
+from protos.lorapool.v1.generation_pb2 import FINISH_REASON_LENGTH, FINISH_REASON_STOP
+from worker.engine import Engine
 from worker.metrics import WorkerMetrics
 from worker.sequence import FinishReason, SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
 
-FINISH = {
-    FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
-    FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
-}
+FINISH = {FinishReason.STOP: FINISH_REASON_STOP, FinishReason.LENGTH: FINISH_REASON_LENGTH}
 
 
 class AdapterFetchError(Exception):
     """An adapter blob could not be fetched or verified."""
-
-
-class EngineLike(Protocol):
-    def register_adapter(self, adapter_id: str, source: Path) -> None: ...
-    def add_request(
-        self, request_id: str, prompt: Any, sampling: SamplingParams, adapter_id: str | None = None
-    ) -> None: ...
-    def cancel(self, request_id: str) -> None: ...
-    def step(self) -> list[TokenEvent]: ...
-    def has_unfinished(self) -> bool: ...
-    def stats(self) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -71,21 +57,16 @@ class Active:
     deltas: int = 0
     stop: Code | None = None  # why we cancelled it: CANCELLED, DEADLINE_EXCEEDED, NOT_FOUND (lost)
 
-    @property
-    def request_id(self) -> str:
-        return self.claimed.job.request_id
-
 
 def sampling_of(request: generation_pb2.GenerateRequest) -> SamplingParams:
     s = request.sampling
+    present = {f: getattr(s, f) for f in ("temperature", "top_p", "seed") if s.HasField(f)}
     return SamplingParams(
-        temperature=s.temperature if s.HasField("temperature") else 0.0,
-        top_p=s.top_p if s.HasField("top_p") else 1.0,
         top_k=s.top_k,
-        seed=s.seed if s.HasField("seed") else None,
         max_tokens=s.max_tokens or 64,
         stop=tuple(s.stop),
         ignore_eos=s.ignore_eos,
+        **present,
     )
 
 
@@ -101,7 +82,7 @@ def prompt_of(request: generation_pb2.GenerateRequest) -> str | list[int] | list
 class WorkerService:
     def __init__(
         self,
-        engine: EngineLike,
+        engine: Engine,
         consumer: Consumer,
         publisher: Publisher,
         fetch: Callable[[str], Path],
@@ -118,8 +99,6 @@ class WorkerService:
         self.held: set[str] = {BASE}  # adapter keys registered with the engine
         self._outbox: list[tuple[Outgoing, Claimed | None]] = []
         self._due = {"reclaim": 0.0, "flags": 0.0}
-
-    # -- the loop -----------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
         """Serve until `stop` is set, then drain for `drain_s` and hand back the rest."""
@@ -162,8 +141,6 @@ class WorkerService:
         self.metrics.free_pages.set(self.engine.stats().free_pages)
         if not self.active and not self._outbox:
             time.sleep(self.settings.idle_sleep_s)
-
-    # -- claiming and admission ---------------------------------------------------
 
     def _claim(self) -> None:
         room = min(self.settings.claim_batch, self.settings.max_active - len(self.active))
@@ -223,8 +200,6 @@ class WorkerService:
             self.metrics.adapters_resident.set(len(self.held) - 1)
         return digest
 
-    # -- flags, events, publishing ------------------------------------------------
-
     def _check_flags(self) -> None:
         now_ms = time.time() * 1000
         flags = self.publisher.flags([rid for rid, a in self.active.items() if a.stop is None])
@@ -254,7 +229,7 @@ class WorkerService:
                 self._finish(a, event)
 
     def _finish(self, a: Active, event: TokenEvent) -> None:
-        del self.active[a.request_id]
+        del self.active[a.claimed.job.request_id]
         reason = event.finish_reason
         if reason in FINISH:
             final = generation_pb2.Final(
@@ -273,7 +248,9 @@ class WorkerService:
             self._end(a.claimed, a.attempt, code, event.error or code.name.lower())
 
     def _send(self, a: Active, event: queue_pb2.Event, tokens: int, ack: bool = False) -> None:
-        out = Outgoing(a.request_id, a.attempt, event, self._ttl_ms(a.claimed.job), tokens)
+        out = Outgoing(
+            a.claimed.job.request_id, a.attempt, event, self._ttl_ms(a.claimed.job), tokens
+        )
         self._outbox.append((out, a.claimed if ack else None))
 
     def _end(self, claimed: Claimed, attempt: int, code: Code, message: str) -> None:
@@ -286,8 +263,6 @@ class WorkerService:
 
     def _flush(self) -> None:
         """Publish everything pending in order; on a Redis error keep it for the next tick."""
-        if not self._outbox:
-            return
         self.publisher.publish([out for out, _ in self._outbox])
         sent, self._outbox = self._outbox, []
         for _, claimed in sent:
@@ -296,8 +271,6 @@ class WorkerService:
 
     def _ttl_ms(self, job: queue_pb2.Job) -> int:
         return max(int(job.deadline_ms - time.time() * 1000), 0) + self.settings.result_ttl_s * 1000
-
-    # -- liveness and shutdown ----------------------------------------------------
 
     def _heartbeats(self, done: threading.Event) -> None:
         while True:
@@ -311,7 +284,7 @@ class WorkerService:
     def _hand_back(self) -> None:
         """After the drain: jobs that streamed nothing go back to the queue; others end."""
         for a in list(self.active.values()):
-            self.engine.cancel(a.request_id)
+            self.engine.cancel(a.claimed.job.request_id)
             if a.deltas:
                 self._end(
                     a.claimed,
