@@ -25,16 +25,22 @@ SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "adapters"
 PROMPT = "Name three colors."
 
 
-def database_url(name: str) -> str:
-    """A fresh PostgreSQL database on the local server; SQLite when there is none."""
+PG = "host=127.0.0.1 user=postgres dbname=postgres connect_timeout=3"
+
+
+@pytest.fixture(scope="module")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A fresh PostgreSQL database on the local server (dropped after); SQLite when none answers."""
+    name = f"lorapool_e2e_{uuid.uuid4().hex[:8]}"
     try:
-        with psycopg.connect(
-            "host=127.0.0.1 user=postgres dbname=postgres connect_timeout=3", autocommit=True
-        ) as c:
+        with psycopg.connect(PG, autocommit=True) as c:
             c.execute(f'CREATE DATABASE "{name}"')
-        return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     except psycopg.Error:
-        return ""
+        yield f"sqlite:///{tmp_path_factory.mktemp('db') / 'registry.sqlite3'}"
+        return
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect(PG, autocommit=True) as c:
+        c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +74,7 @@ def stack(
     redis_proc: RedisProcess,
     model_dir: Path,
     adapters: dict[str, Path],
+    database_url: str,
 ) -> Iterator[Stack]:
     from adapter_store.basemodel import BaseModelSpec
     from adapter_store.blobs import open_blob_store

@@ -8,6 +8,7 @@ import tarfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -19,6 +20,7 @@ from broker.keys import Limits
 from gateway.registry import AdapterRecord
 from gateway.settings import GatewaySettings
 from protos.lorapool.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
+from tests.serving.certs import make_certs
 from tests.serving.fakes import FakeWorker, GatewayThread, StaticRegistry
 from tests.serving.redis_proc import RedisProcess
 
@@ -299,3 +301,37 @@ def test_settings_refuse_open_non_loopback() -> None:
     GatewaySettings(listen="0.0.0.0:50051", insecure=True)
     GatewaySettings(listen="0.0.0.0:50051", api_tokens=("t",))
     GatewaySettings(listen="[::1]:50051")
+
+
+def test_tls_and_mtls(
+    redis_url: str, registry: StaticRegistry, worker: FakeWorker, tmp_path: Path
+) -> None:
+    c = make_certs(tmp_path)
+    gw = GatewayThread(
+        settings(
+            redis_url, tls_cert=c["server_pem"], tls_key=c["server_key"], tls_client_ca=c["ca_pem"]
+        ),
+        registry,
+    )
+    try:
+        request = generation_pb2.GenerateRequest(text="tls")
+        ca = c["ca_pem"].read_bytes()
+        with_cert = grpc.ssl_channel_credentials(
+            ca, c["client_key"].read_bytes(), c["client_pem"].read_bytes()
+        )
+        stub_ok = generation_pb2_grpc.GenerationStub(grpc.secure_channel(gw.target, with_cert))
+        assert (
+            "".join(r.delta.text for r in stub_ok.Generate(request, metadata=AUTH, timeout=10))
+            == "TLS"
+        )
+        no_cert = generation_pb2_grpc.GenerationStub(
+            grpc.secure_channel(gw.target, grpc.ssl_channel_credentials(ca))
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            list(no_cert.Generate(request, metadata=AUTH, timeout=5))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # handshake refused
+        plain = generation_pb2_grpc.GenerationStub(grpc.insecure_channel(gw.target))
+        with pytest.raises(grpc.RpcError):
+            list(plain.Generate(request, metadata=AUTH, timeout=5))
+    finally:
+        gw.stop()
