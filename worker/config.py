@@ -46,4 +46,6 @@ class EngineConfig:
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+            raise ValueError(
+                f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}"
+            )

@@ -29,8 +29,8 @@ from worker.model.loader import load_model, load_tokenizer, resolve_dtype
 from worker.model.source import resolve_model_dir
 from worker.runner import ModelRunner
 from worker.sampling import sample
-from worker.scheduler import ScheduledSeq, Scheduler, SchedulerLimits
-from worker.sequence import FinishReason, SamplingParams, Sequence, TokenEvent
+from worker.scheduler import Scheduler, SchedulerLimits
+from worker.sequence import FinishReason, SamplingParams, ScheduledSeq, Sequence, TokenEvent
 
 Prompt = str | list[int] | list[dict[str, str]]
 
@@ -212,7 +212,11 @@ class Engine:
 
     @staticmethod
     def _event(
-        seq: Sequence, tokens: list[int], text: str, reason: FinishReason | None, error: str | None = None
+        seq: Sequence,
+        tokens: list[int],
+        text: str,
+        reason: FinishReason | None,
+        error: str | None = None,
     ) -> TokenEvent:
         return TokenEvent(
             seq.request_id, tokens, text, reason, error, len(seq.prompt_ids), len(seq.output_ids)

@@ -14,7 +14,7 @@ import torch
 from worker.kernels.lora_ref import Segments
 from worker.model.forward_batch import AttentionGroup, ForwardBatch, LoraBatch, LoraWeights
 from worker.model.llama import KVCache, LlamaModel
-from worker.scheduler import ScheduledSeq
+from worker.sequence import ScheduledSeq
 
 
 class ModelRunner:
@@ -47,7 +47,9 @@ class ModelRunner:
             seq, start = item.seq, item.seq.num_computed
             ids.extend(seq.token_ids[start : start + item.num_tokens])
             positions.extend(range(start, start + item.num_tokens))
-            slot = -1 if seq.adapter_id is None else adapters.setdefault(seq.adapter_id, len(adapters))
+            slot = (
+                -1 if seq.adapter_id is None else adapters.setdefault(seq.adapter_id, len(adapters))
+            )
             row_slots.extend([slot] * item.num_tokens)
             if item.samples:
                 logits_index.append(len(ids) - 1)

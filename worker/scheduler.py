@@ -13,18 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from worker.memory.block_manager import BlockManager
-from worker.sequence import Sequence, SeqStatus
-
-
-@dataclass(frozen=True)
-class ScheduledSeq:
-    seq: Sequence
-    num_tokens: int  # new tokens fed this step (1 for a decode, a chunk for a prefill)
-
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the end of the sequence's tokens."""
-        return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
+from worker.sequence import ScheduledSeq, SeqStatus, Sequence
 
 
 @dataclass(frozen=True)

@@ -92,3 +92,16 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """One sequence's share of a step."""
+
+    seq: Sequence
+    num_tokens: int  # new tokens fed this step (1 for a decode, a chunk for a prefill)
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the sequence's tokens."""
+        return self.seq.num_computed + self.num_tokens == self.seq.num_tokens

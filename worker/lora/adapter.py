@@ -188,7 +188,9 @@ def _pair_tensors(
                 f"(LoRA-able: {', '.join(shapes)})"
             )
         if layer >= num_layers:
-            raise AdapterLoadError(f"tensor {name!r} names layer {layer}; the model has {num_layers}")
+            raise AdapterLoadError(
+                f"tensor {name!r} names layer {layer}; the model has {num_layers}"
+            )
         found.setdefault((layer, module), {})[which] = tensor
     if not found:
         raise AdapterLoadError("adapter has no LoRA weights for any module of the base model")
@@ -218,7 +220,9 @@ def _check_shapes(
             f"do not fit the model (expected A [r, {in_features}], B [{out_features}, r])"
         )
     if rank > max_rank:
-        raise AdapterLoadError(f"layer {layer} {module}: rank {rank} exceeds the maximum {max_rank}")
+        raise AdapterLoadError(
+            f"layer {layer} {module}: rank {rank} exceeds the maximum {max_rank}"
+        )
     if not lora_a.dtype.is_floating_point:
         raise AdapterLoadError(f"layer {layer} {module}: dtype {lora_a.dtype} is not a float type")
     return int(rank)

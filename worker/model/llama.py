@@ -11,6 +11,7 @@ LoRA on projection m: y += s · (x A) B per token, with that token's adapter (SG
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -121,11 +122,13 @@ class LlamaModel:
         q: torch.Tensor,  # [T, n_heads, d]
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        groups: list[AttentionGroup] | tuple[AttentionGroup, ...],
+        groups: Sequence[AttentionGroup],
     ) -> torch.Tensor:  # [T, n_heads * d]
         out = torch.empty_like(q)
         for group in groups:
-            result = paged_attention(q[group.q_index], k_cache, v_cache, group.ctx_slots, group.mask)
+            result = paged_attention(
+                q[group.q_index], k_cache, v_cache, group.ctx_slots, group.mask
+            )
             out[group.q_index] = result
         return out.flatten(1)
 

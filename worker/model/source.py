@@ -47,7 +47,9 @@ PACKAGED_MODELS: dict[str, PackagedGGUF] = {
 def resolve_model_dir(spec: str, cache_dir: Path) -> Path:
     """Return a local HF directory for `spec` (a packaged name, a directory, or a hub id)."""
     if spec in PACKAGED_MODELS:
-        return _cached(cache_dir / "models" / spec, lambda out: _dequantize(PACKAGED_MODELS[spec], out))
+        return _cached(
+            cache_dir / "models" / spec, lambda out: _dequantize(PACKAGED_MODELS[spec], out)
+        )
     local = Path(spec).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
@@ -94,10 +96,9 @@ def _dequantize_file(directory: Path, filename: str, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=filename)
     # The dequantized weights are plain float tensors: drop the GGUF quantizer so
     # transformers will serialize them.
-    model.config.quantization_config = None
     delattr(model.config, "quantization_config")
-    model.hf_quantizer = None
-    model.is_quantized = False
+    setattr(model, "hf_quantizer", None)  # noqa: B010 (untyped attributes of the HF model)
+    setattr(model, "is_quantized", False)  # noqa: B010
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
 

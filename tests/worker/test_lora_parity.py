@@ -1,0 +1,81 @@
+"""A mixed batch of many adapters against PEFT running each adapter alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from tests.worker.adapters import make_adapter
+from worker.engine import Engine
+from worker.sequence import SamplingParams
+
+# name -> make_adapter arguments: ranks 4..64, different alphas, rsLoRA on one,
+# rank/alpha patterns on one, different target-module subsets.
+ADAPTERS: dict[str, dict[str, Any]] = {
+    "r4-qv": dict(r=4, alpha=8, targets=["q_proj", "v_proj"]),
+    "r8-all": dict(r=8, alpha=16),
+    "r16-attn": dict(r=16, alpha=8, targets=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "r32-mlp": dict(r=32, alpha=64, targets=["gate_proj", "up_proj", "down_proj"]),
+    "r64-rslora": dict(r=64, alpha=16, use_rslora=True, std=0.02),
+    "r8-patterns": dict(
+        r=8,
+        alpha=16,
+        rank_pattern={"q_proj": 16, "down_proj": 4},
+        alpha_pattern={"o_proj": 32},
+    ),
+    "r12-kv": dict(r=12, alpha=24, targets=["k_proj", "v_proj", "down_proj"]),
+    "r24-o-up": dict(r=24, alpha=12, targets=["o_proj", "up_proj"]),
+}
+PROMPTS = [
+    [{"role": "user", "content": "Tell me about the moon."}],
+    [{"role": "user", "content": "Why is the sky blue?"}],
+]
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        name: make_adapter(smollm2_dir, root / name, seed=i, **kwargs)
+        for i, (name, kwargs) in enumerate(ADAPTERS.items())
+    }
+
+
+def peft_greedy(base_dir: Path, adapter: Path | None, ids: list[int]) -> list[int]:
+    model: Any = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
+    return out[0, len(ids) :].tolist()
+
+
+@pytest.mark.slow
+def test_mixed_batch_matches_peft_alone(
+    smollm2_engine: Engine, smollm2_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    for name, path in adapter_dirs.items():
+        smollm2_engine.register_adapter(name, path)
+    # Every adapter with each prompt, plus base-model rows, all in one batch.
+    jobs: list[tuple[str | None, Any]] = [(n, p) for n in adapter_dirs for p in PROMPTS]
+    jobs += [(None, p) for p in PROMPTS]
+    results = smollm2_engine.generate(
+        [p for _, p in jobs], SamplingParams(max_tokens=NEW_TOKENS), [a for a, _ in jobs]
+    )
+    base_tokens = {}
+    for (name, prompt), result in zip(jobs, results, strict=True):
+        ids = smollm2_engine.encode(prompt)
+        ref = peft_greedy(smollm2_dir, None if name is None else adapter_dirs[name], ids)
+        assert result.token_ids == ref, f"adapter {name} prompt {prompt}"
+        if name is None:
+            base_tokens[str(prompt)] = ref
+    changed = sum(
+        r.token_ids != base_tokens[str(p)] for (n, p), r in zip(jobs, results, strict=True) if n
+    )
+    assert changed >= len(ADAPTERS)  # the adapters really change the output
