@@ -1,0 +1,103 @@
+"""Pure pieces on the CPU: page pool, scheduler, sampling, detokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from worker.detokenizer import Detokenizer
+from worker.memory.block_manager import BlockManager
+from worker.memory.page_pool import OutOfPages, PagePool
+from worker.sampling import probabilities, sample
+from worker.scheduler import Scheduler, SchedulerLimits
+from worker.sequence import SamplingParams, Sequence
+
+
+def test_page_pool_is_all_or_nothing_and_checks_frees() -> None:
+    pool = PagePool(4)
+    pages = pool.allocate(3)
+    with pytest.raises(OutOfPages):
+        pool.allocate(2)
+    assert pool.num_free == 1
+    pool.free(pages)
+    assert pool.num_free == 4
+    with pytest.raises(ValueError, match="not allocated"):
+        pool.free([pages[0]])
+
+
+def seq(rid: str, n: int, arrival: int) -> Sequence:
+    return Sequence(rid, list(range(3, 3 + n)), SamplingParams(), None, arrival)
+
+
+def test_scheduler_chunks_prefill_under_the_token_budget() -> None:
+    sched = Scheduler(BlockManager(PagePool(100), 4), SchedulerLimits(8, 10))
+    sched.add(seq("a", 25, 0))
+    sched.add(seq("b", 3, 1))
+    first = sched.schedule()
+    assert [(s.seq.request_id, s.num_tokens) for s in first] == [("a", 10)]
+    for item in first:
+        item.seq.num_computed += item.num_tokens
+    second = sched.schedule()
+    assert [(s.seq.request_id, s.num_tokens) for s in second] == [("a", 10)]
+
+
+def test_scheduler_preempts_the_newest_when_pages_run_out() -> None:
+    sched = Scheduler(BlockManager(PagePool(4), 4), SchedulerLimits(8, 100))
+    old, new = seq("old", 8, 0), seq("new", 8, 1)
+    sched.add(old)
+    sched.add(new)
+    for item in sched.schedule():  # both prefill: 2 pages each, pool full
+        item.seq.num_computed += item.num_tokens
+        item.seq.output_ids.append(1)
+    batch = sched.schedule()  # old needs a third page: new is preempted
+    assert [s.seq.request_id for s in batch] == ["old"]
+    assert new.block_table == [] and new.num_computed == 0
+    assert list(sched.waiting) == [new]
+    assert sched.num_preemptions == 1
+
+
+def test_greedy_and_top_k_top_p() -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    assert sample(logits, [SamplingParams()], [0]) == [1]
+    probs = probabilities(logits[0], SamplingParams(temperature=1.0, top_k=2))
+    assert (probs > 0).tolist() == [False, True, False, True]
+    probs = probabilities(logits[0], SamplingParams(temperature=1.0, top_p=0.5))
+    assert (probs > 0).tolist() == [False, True, False, False]
+    assert float(probs.sum()) == pytest.approx(1.0)
+
+
+def test_seeded_draws_repeat() -> None:
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(temperature=1.0, seed=s) for s in (1, 1, 2)]
+    first = sample(logits.clone(), params, [0, 0, 0])
+    assert first == sample(logits.clone(), params, [0, 0, 0])
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir: Path) -> object:
+    return AutoTokenizer.from_pretrained(str(smollm2_dir))
+
+
+def test_detokenizer_never_emits_broken_utf8(tokenizer: object) -> None:
+    text = "naïve café — 日本語のテキスト 🎉 done"
+    ids = tokenizer.encode(text)  # type: ignore[attr-defined]
+    detok = Detokenizer(tokenizer, [], ())
+    pieces = [detok.add(t)[0] for t in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + detok.flush() == text
+
+
+def test_detokenizer_stops_at_a_stop_string_across_tokens(tokenizer: object) -> None:
+    ids = tokenizer.encode("alpha beta gamma delta")  # type: ignore[attr-defined]
+    detok = Detokenizer(tokenizer, [], ("a gam",))
+    out, stopped = "", False
+    for t in ids:
+        piece, stopped = detok.add(t)
+        out += piece
+        if stopped:
+            break
+    assert stopped
+    assert out == "alpha bet"
