@@ -2,6 +2,7 @@
 
 lorapool serve      gateway + worker (+ Redis) on the embedded defaults
 lorapool generate   stream a reply through a gateway
+lorapool run        the engine in-process, no gateway (offline use and debugging)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "serve": Command("lorapool.stack", "run a gateway and a worker on the embedded defaults"),
     "generate": Command("lorapool.client", "stream a generation from a gateway to stdout"),
+    "run": Command("lorapool.local_run", "run the engine in-process and stream to the terminal"),
 }
 
 

@@ -1,0 +1,144 @@
+"""Engine throughput on the CPU: ours (base, 32 distinct adapters) vs HF and PEFT, one run.
+
+Workload: 32 concurrent requests, 64 new tokens each (EOS ignored), SmolLM2-135M.
+Cases, all measured here in the same process so their ratios are comparable:
+  tok_s_base           our engine, base model only
+  tok_s_lora_distinct  our engine, 32 requests over 32 adapters (ranks 8/16, 7 projections)
+  tok_s_hf_base        HF transformers generate, one padded batch, base model
+  tok_s_peft_mixed     PEFT generate(adapter_names=...) on the same prompts and adapters
+Writes bench/results/engine.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from worker.config import EngineConfig, default_cache_dir
+from worker.engine import Engine
+from worker.model.source import DEFAULT_MODEL, resolve_model_dir
+from worker.sequence import SamplingParams
+
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TOPICS = ["the ocean", "a dragon", "Rome", "volcanoes", "jazz", "robots", "tea", "winter"]
+
+
+def prompts(n: int) -> list[list[dict[str, str]]]:
+    return [
+        [{"role": "user", "content": f"Write a long story about {TOPICS[i % 8]}, part {i}."}]
+        for i in range(n)
+    ]
+
+
+def make_adapters(base_dir: Path, out: Path, n: int) -> Any:
+    """n random LoRAs (ranks 8 and 16 alternating, all 7 projections) in one PEFT model."""
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model: Any = None
+    gen = torch.Generator().manual_seed(0)
+    for i in range(n):
+        r = 8 if i % 2 == 0 else 16
+        config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=MODULES, lora_dropout=0.0)
+        if model is None:
+            model = get_peft_model(base, config, adapter_name=f"a{i}")
+        else:
+            model.add_adapter(f"a{i}", config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    model.save_pretrained(str(out), selected_adapters=[f"a{i}" for i in range(n)])
+    return model.eval()
+
+
+def timed(fn: Callable[[], int]) -> float:
+    """Output tokens per second of one call that returns its token count."""
+    start = time.perf_counter()
+    tokens = fn()
+    return tokens / (time.perf_counter() - start)
+
+
+def run_ours(engine: Engine, chats: list[Any], adapters: list[str | None], new: int) -> int:
+    results = engine.generate(chats, SamplingParams(max_tokens=new, ignore_eos=True), adapters)
+    return sum(len(r.token_ids) for r in results)
+
+
+def run_hf(model: Any, tok: Any, chats: list[Any], new: int, **kwargs: Any) -> int:
+    texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(
+            **batch, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kwargs
+        )
+    return int((out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=Path("bench/results/engine.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base_dir = resolve_model_dir(DEFAULT_MODEL, default_cache_dir())
+    n, new = args.requests, args.new_tokens
+    chats = prompts(n)
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_model = make_adapters(base_dir, Path(tmp), n)
+        engine = Engine.from_config(EngineConfig(model=str(base_dir), max_num_seqs=n))
+        for i in range(n):
+            engine.register_adapter(f"a{i}", Path(tmp) / f"a{i}")
+        names = [f"a{i}" for i in range(n)]
+        run_ours(engine, chats[:2], names[:2], 2)  # warm-up (and loads nothing else)
+        tok = AutoTokenizer.from_pretrained(str(base_dir), padding_side="left")
+        hf = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+        results = {
+            "tok_s_base": timed(lambda: run_ours(engine, chats, [None] * n, new)),
+            "tok_s_lora_distinct": timed(lambda: run_ours(engine, chats, list(names), new)),
+            "tok_s_hf_base": timed(lambda: run_hf(hf, tok, chats, new)),
+            "tok_s_peft_mixed": timed(
+                lambda: run_hf(peft_model, tok, chats, new, adapter_names=names)
+            ),
+        }
+    results["ratio_vs_peft"] = results["tok_s_lora_distinct"] / results["tok_s_peft_mixed"]
+    results["lora_tax"] = results["tok_s_lora_distinct"] / results["tok_s_base"]
+    results["base_vs_hf"] = results["tok_s_base"] / results["tok_s_hf_base"]
+    report = {
+        "workload": {"requests": n, "new_tokens": new, "model": DEFAULT_MODEL, "device": "cpu"},
+        "results": {k: round(v, 3) for k, v in results.items()},
+        "env": _env(args.threads),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    sys.stdout.write(json.dumps(report["results"], indent=2) + "\n")
+    return 0
+
+
+def _env(threads: int) -> dict[str, Any]:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": commit,
+        "torch": torch.__version__,
+        "threads": threads,
+        "cpu": platform.processor() or platform.machine(),
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
