@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -85,14 +86,23 @@ def engine_direct(n: int, max_tokens: int, max_num_seqs: int) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--requests", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) // 2),
+        help="torch threads per worker",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
     a = p.parse_args()
+    import torch
+
     from worker.config import default_cache_dir
     from worker.model.source import DEFAULT_MODEL, resolve_model_dir
 
+    torch.set_num_threads(a.threads)  # the same compute for the direct engine as for one worker
     model_dir = resolve_model_dir(DEFAULT_MODEL, default_cache_dir())
     direct = engine_direct(a.requests, a.max_tokens, a.concurrency)
     results: dict[str, object] = {
@@ -108,6 +118,7 @@ def main() -> int:
             LORAPOOL_MAX_DEPTH_PER_ADAPTER="4096",
             LORAPOOL_MAX_DEPTH_TOTAL="4096",
             LORAPOOL_NUM_PAGES="1024",
+            OMP_NUM_THREADS=str(a.threads),
         )
         from adapter_store.db import upgrade
 
