@@ -1,8 +1,9 @@
 """Turn a scheduled batch into a ForwardBatch, run the model, return next-token logits.
 
-Sequences are ordered by adapter so that tokens sharing an adapter form contiguous
-segments (SGMV). Decodes (one new token) attend in one padded group; each prefill
-chunk attends alone, so no sequence is padded to another's query length.
+Decodes (one new token) come first and attend as one group; each prefill chunk
+follows and attends alone, so every group is a contiguous slice of token rows and
+no sequence is padded to another's query length. Within each part, sequences are
+ordered by adapter so that tokens sharing an adapter form segments (SGMV).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ class ModelRunner:
         adapter_of: Callable[[str], LoraWeights],
     ) -> tuple[list[ScheduledSeq], torch.Tensor]:
         """Returns the batch in model order and logits [N, vocab] for its sampling rows."""
-        ordered = sorted(batch, key=lambda s: (s.seq.adapter_id or "", s.seq.arrival))
+        ordered = sorted(
+            batch, key=lambda s: (s.num_tokens > 1, s.seq.adapter_id or "", s.seq.arrival)
+        )
         forward = self.prepare(ordered, adapter_of)
         logits = self.model.forward(forward, self.kv)
         return ordered, logits
@@ -80,27 +83,20 @@ class ModelRunner:
         return page_of_row * self.page_size + pos % self.page_size
 
     def _groups(self, batch: list[ScheduledSeq], device: torch.device) -> list[AttentionGroup]:
-        groups: list[AttentionGroup] = []
-        row = 0
-        decode_rows: list[int] = []
-        decode_seqs: list[ScheduledSeq] = []
-        for item in batch:
-            if item.num_tokens == 1:
-                decode_rows.append(row)
-                decode_seqs.append(item)
-            else:
-                q_index = torch.arange(row, row + item.num_tokens).unsqueeze(0)
-                groups.append(self._group([item], q_index, device))
+        """Decodes (first in the batch) as one group, then one group per prefill chunk."""
+        decodes = [item for item in batch if item.num_tokens == 1]
+        groups = [self._group(decodes, slice(0, len(decodes)), device)] if decodes else []
+        row = len(decodes)
+        for item in batch[len(decodes) :]:
+            groups.append(self._group([item], slice(row, row + item.num_tokens), device))
             row += item.num_tokens
-        if decode_seqs:
-            groups.append(self._group(decode_seqs, torch.tensor(decode_rows).unsqueeze(1), device))
         return groups
 
     def _group(
-        self, items: list[ScheduledSeq], q_index: torch.Tensor, device: torch.device
+        self, items: list[ScheduledSeq], rows: slice, device: torch.device
     ) -> AttentionGroup:
-        """Attention inputs for sequences with equal query length Lq = q_index.shape[1]."""
-        lq = q_index.shape[1]
+        """Attention inputs for sequences with equal query length Lq."""
+        lq = (rows.stop - rows.start) // len(items)
         ctx_lens = torch.tensor([i.seq.num_computed + i.num_tokens for i in items])
         lk = int(ctx_lens.max())
         pages = max(len(i.seq.block_table) for i in items)
@@ -113,7 +109,8 @@ class ModelRunner:
         q_pos = ctx_lens[:, None] - lq + torch.arange(lq)[None, :]  # [B, Lq]
         mask = ctx[None, None, :] <= q_pos[:, :, None]  # [B, Lq, Lk]
         return AttentionGroup(
-            q_index=q_index.to(device),
+            rows=rows,
+            num_seqs=len(items),
             ctx_slots=ctx_slots.to(device),
             mask=mask.unsqueeze(1).to(device),
         )

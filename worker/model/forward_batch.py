@@ -15,7 +15,8 @@ from worker.kernels.lora_ref import Segments
 class AttentionGroup:
     """Sequences whose queries are attended together (decodes; or one prefill chunk)."""
 
-    q_index: torch.Tensor  # [B, Lq] long: token rows of each sequence's queries (equal Lq)
+    rows: slice  # token rows [B · Lq] of these queries, contiguous, sequence by sequence
+    num_seqs: int  # B; every sequence has Lq = (rows.stop - rows.start) / B queries
     ctx_slots: torch.Tensor  # [B, Lk] long: KV slot of every context position (padded)
     mask: torch.Tensor  # [B, 1, Lq, Lk] bool: causal and padding mask
 

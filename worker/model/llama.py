@@ -124,13 +124,24 @@ class LlamaModel:
         v_cache: torch.Tensor,
         groups: Sequence[AttentionGroup],
     ) -> torch.Tensor:  # [T, n_heads * d]
+        if len(groups) == 1:  # the whole batch attends as one group (e.g. all decodes)
+            return self._group_attention(q, k_cache, v_cache, groups[0]).flatten(1)
         out = torch.empty_like(q)
         for group in groups:
-            result = paged_attention(
-                q[group.q_index], k_cache, v_cache, group.ctx_slots, group.mask
-            )
-            out[group.q_index] = result
+            out[group.rows] = self._group_attention(q[group.rows], k_cache, v_cache, group)
         return out.flatten(1)
+
+    @staticmethod
+    def _group_attention(
+        q: torch.Tensor,  # [B · Lq, n_heads, d]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        group: AttentionGroup,
+    ) -> torch.Tensor:  # [B · Lq, n_heads, d]
+        b = group.num_seqs
+        queries = q.view(b, q.shape[0] // b, *q.shape[1:])
+        out = paged_attention(queries, k_cache, v_cache, group.ctx_slots, group.mask)
+        return out.flatten(0, 1)
 
     @staticmethod
     def _lora(
