@@ -51,7 +51,7 @@ def engine_config(a: argparse.Namespace, env: Mapping[str, str]) -> EngineConfig
         model=a.model or env.get("LORAPOOL_MODEL") or base.model,
         cache_dir=base.cache_dir,
         device=a.device or env.get("LORAPOOL_DEVICE") or base.device,
-        num_pages=a.num_pages or int(env.get("LORAPOOL_NUM_PAGES") or base.num_pages),
+        num_pages=a.num_pages or int(env.get("LORAPOOL_NUM_PAGES") or 0) or None,
         max_num_seqs=a.max_num_seqs or int(env.get("LORAPOOL_MAX_NUM_SEQS") or base.max_num_seqs),
     )
 

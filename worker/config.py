@@ -25,7 +25,8 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     page_size: int = 16  # tokens per KV page
-    num_pages: int = 4096  # pages in the pool (KV blocks; adapters later)
+    kv_cache_mb: int = 768  # page pool budget when num_pages is not given
+    num_pages: int | None = None  # pages in the pool (KV blocks; adapters later)
     max_num_seqs: int = 64  # sequences running at once
     max_batch_tokens: int = 2048  # token budget per step (prefill chunks + decodes)
     max_model_len: int = 4096  # prompt + completion tokens per sequence
@@ -35,7 +36,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         positive = {
             "page_size": self.page_size,
-            "num_pages": self.num_pages,
+            "kv_cache_mb": self.kv_cache_mb,
+            "num_pages": 1 if self.num_pages is None else self.num_pages,
             "max_num_seqs": self.max_num_seqs,
             "max_batch_tokens": self.max_batch_tokens,
             "max_model_len": self.max_model_len,

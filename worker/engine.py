@@ -55,13 +55,14 @@ class Engine:
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
-        self.pool = PagePool(config.num_pages)
+        num_pages = config.num_pages or pages_for_budget(model, config)
+        self.pool = PagePool(num_pages)
         self.scheduler = Scheduler(
             BlockManager(self.pool, config.page_size),
             SchedulerLimits(config.max_num_seqs, config.max_batch_tokens),
         )
         self.runner = ModelRunner(
-            model, model.allocate_kv(config.num_pages * config.page_size), config.page_size
+            model, model.allocate_kv(num_pages * config.page_size), config.page_size
         )
         loader = partial(
             load_adapter,
@@ -71,7 +72,7 @@ class Engine:
             max_rank=config.max_lora_rank,
         )
         self.adapters = AdapterManager(loader, config.max_adapters)
-        self.max_len = min(config.max_model_len, config.num_pages * config.page_size)
+        self.max_len = min(config.max_model_len, num_pages * config.page_size)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._live: dict[str, _Live] = {}
         self._pending: list[TokenEvent] = []
@@ -247,6 +248,14 @@ class Engine:
                 total.prompt_tokens = event.prompt_tokens
                 total.completion_tokens = event.completion_tokens
         return list(results.values())
+
+
+def pages_for_budget(model: LlamaModel, config: EngineConfig) -> int:
+    """How many KV pages fit in config.kv_cache_mb (K and V, every layer)."""
+    c = model.config
+    itemsize = torch.empty((), dtype=model.dtype).element_size()
+    page_bytes = config.page_size * c.num_layers * 2 * c.kv_size * itemsize
+    return max(1, config.kv_cache_mb * 2**20 // page_bytes)
 
 
 def _eos_ids(model: LlamaModel, tokenizer: Any) -> frozenset[int]:
