@@ -37,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", help="LORAPOOL_REDIS_URL (default redis://127.0.0.1:6379/0)")
     p.add_argument("--model", help="LORAPOOL_MODEL: packaged name, HF dir, .gguf or hub id")
     p.add_argument("--device", help="LORAPOOL_DEVICE (default cpu)")
-    p.add_argument("--num-pages", type=int, help="LORAPOOL_NUM_PAGES")
+    p.add_argument("--num-pages", type=int, help="LORAPOOL_NUM_PAGES (default: from the KV budget)")
+    p.add_argument("--kv-cache-mb", type=int, help="LORAPOOL_KV_CACHE_MB: page pool budget")
     p.add_argument("--max-num-seqs", type=int, help="LORAPOOL_MAX_NUM_SEQS")
     p.add_argument("--metrics-port", type=int, help="LORAPOOL_WORKER_METRICS_PORT (0: off)")
     p.add_argument("--name", help="LORAPOOL_WORKER_NAME (default host-pid-random)")
@@ -47,12 +48,20 @@ def parser() -> argparse.ArgumentParser:
 
 def engine_config(a: argparse.Namespace, env: Mapping[str, str]) -> EngineConfig:
     base = EngineConfig(cache_dir=default_cache_dir())
+
+    def number(flag: int | None, name: str, default: int | None) -> int | None:
+        text = env.get(name)
+        return flag if flag is not None else int(text) if text else default
+
     return EngineConfig(
         model=a.model or env.get("LORAPOOL_MODEL") or base.model,
         cache_dir=base.cache_dir,
         device=a.device or env.get("LORAPOOL_DEVICE") or base.device,
-        num_pages=a.num_pages or int(env.get("LORAPOOL_NUM_PAGES") or 0) or None,
-        max_num_seqs=a.max_num_seqs or int(env.get("LORAPOOL_MAX_NUM_SEQS") or base.max_num_seqs),
+        num_pages=number(a.num_pages, "LORAPOOL_NUM_PAGES", base.num_pages),
+        kv_cache_mb=number(a.kv_cache_mb, "LORAPOOL_KV_CACHE_MB", base.kv_cache_mb)
+        or base.kv_cache_mb,
+        max_num_seqs=number(a.max_num_seqs, "LORAPOOL_MAX_NUM_SEQS", base.max_num_seqs)
+        or base.max_num_seqs,
     )
 
 
@@ -88,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     )
     settings = ServiceSettings(
-        max_active=config.max_num_seqs * 2,
+        max_active=config.max_num_seqs,
         drain_s=a.drain or float(env.get("LORAPOOL_DRAIN_S") or 30),
     )
     client = sync_client(

@@ -39,7 +39,7 @@ class AdapterFetchError(Exception):
 @dataclass(frozen=True)
 class ServiceSettings:
     max_active: int = 64  # jobs claimed at once (running or waiting in the engine)
-    claim_batch: int = 8  # jobs per claim
+    claim_batch: int = 2  # jobs per claim (small: idle workers get a share)
     max_wait_ms: float = 2000  # an adapter's oldest job waiting longer is served first
     idle_sleep_s: float = 0.01
     reclaim_interval_s: float = 1.0
