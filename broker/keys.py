@@ -6,6 +6,7 @@ Keys (every per-request key expires):
     lp:streams         set of adapter keys that have a queue stream
     lp:total           number of jobs queued or running, all adapters
     lp:hb:{worker}     heartbeat of a live worker (expires)
+    lp:workers         set of workers that have heartbeated (a dead one is removed once reclaimed)
     lp:dead            dead-letter stream (capped)
     lp:m:{request_id}  hash per request: attempt, sent (tokens published), done, cancel
     lp:r:{request_id}  stream of result events per request
@@ -30,6 +31,7 @@ READY = "lp:ready"
 STREAMS = "lp:streams"
 TOTAL = "lp:total"
 DEAD = "lp:dead"
+WORKERS = "lp:workers"  # set of workers that heartbeat
 PAYLOAD = "job"  # the field of a queue entry that holds the encoded Job
 EVENT = "ev"  # the field of a result entry that holds the encoded Event
 

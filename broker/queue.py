@@ -84,6 +84,9 @@ return 1
 """
 
 
+TAKEOVER_GUARD_MS = 500
+
+
 class QueueFull(Exception):
     """The adapter's queue or the total is at its bound."""
 
@@ -181,10 +184,25 @@ class Consumer:
 
     def heartbeat(self) -> None:
         ttl_ms = int(self.limits.heartbeat_ttl_s * 1000)
-        self._client.set(keys.heartbeat(self.worker), b"1", px=ttl_ms)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.set(keys.heartbeat(self.worker), b"1", px=ttl_ms)
+        pipe.sadd(keys.WORKERS, self.worker)
+        pipe.execute()
 
     def retire(self) -> None:
         self._client.delete(keys.heartbeat(self.worker))
+
+    def dead_workers(self) -> list[str]:
+        """Registered workers whose heartbeat expired (one round trip for the whole fleet)."""
+        workers = sorted(_text(w) for w in self._client.smembers(keys.WORKERS))
+        pipe = self._client.pipeline(transaction=False)
+        for worker in workers:
+            pipe.exists(keys.heartbeat(worker))
+        return [
+            w
+            for w, alive in zip(workers, pipe.execute(), strict=True)
+            if not alive and w != self.worker
+        ]
 
     def ready(self, limit: int = 32) -> list[tuple[str, float]]:
         pairs: Any = self._client.zrange(keys.READY, 0, limit - 1, withscores=True)
@@ -206,9 +224,17 @@ class Consumer:
     def ack(self, claimed: Claimed) -> None:
         self._ack(keys=[keys.queue(claimed.adapter), keys.TOTAL], args=[claimed.entry_id])
 
-    def reclaim(self) -> list[Claimed]:
-        """Take over the pending jobs of workers whose heartbeat expired; tidy empty queues."""
+    def reclaim(self, full: bool = False) -> list[Claimed]:
+        """Take over the pending jobs of workers whose heartbeat expired; tidy empty queues.
+
+        Cheap unless a registered worker died: the queues are scanned only then, or when
+        `full` (a periodic sweep that also catches consumers that never registered).
+        """
+        dead = self.dead_workers()
+        if not dead and not full:
+            return []
         out: list[Claimed] = []
+        unfinished: set[str] = set()  # dead workers that still own pending jobs
         for adapter in sorted(_text(a) for a in self._client.smembers(keys.STREAMS)):
             stream = keys.queue(adapter)
             try:
@@ -216,8 +242,13 @@ class Consumer:
             except redis.ResponseError:  # no such stream or group
                 consumers = []
             for consumer in consumers:
-                out.extend(self._take_over(adapter, consumer))
+                taken = self._take_over(adapter, consumer)
+                if len(taken) < int(consumer["pending"]):
+                    unfinished.add(_text(consumer["name"]))
+                out.extend(taken)
             self._drop_empty(keys=[stream, keys.STREAMS, keys.READY], args=[adapter])
+        if set(dead) - unfinished:
+            self._client.srem(keys.WORKERS, *(set(dead) - unfinished))
         return out
 
     def _take_over(self, adapter: str, consumer: dict[str, Any]) -> list[Claimed]:
@@ -232,9 +263,11 @@ class Consumer:
             stream, keys.GROUP, "-", "+", 100, consumername=name
         )
         deliveries = {_text(p["message_id"]): int(p["times_delivered"]) + 1 for p in pending}
-        min_idle = int(self.limits.heartbeat_ttl_s * 1000)
+        # The idle guard makes a takeover exclusive: XCLAIM resets the idle time, so a second
+        # worker sweeping at the same moment claims nothing.
+        guard_ms = min(TAKEOVER_GUARD_MS, int(self.limits.heartbeat_ttl_s * 500))
         entries: Any = self._client.xclaim(
-            stream, keys.GROUP, self.worker, min_idle, list(deliveries)
+            stream, keys.GROUP, self.worker, guard_ms, list(deliveries)
         )
         return [
             Claimed(

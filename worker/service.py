@@ -42,7 +42,8 @@ class ServiceSettings:
     claim_batch: int = 2  # jobs per claim (small: idle workers get a share)
     max_wait_ms: float = 2000  # an adapter's oldest job waiting longer is served first
     idle_sleep_s: float = 0.01
-    reclaim_interval_s: float = 1.0
+    reclaim_interval_s: float = 1.0  # look for dead workers (cheap)
+    sweep_interval_s: float = 30.0  # scan every queue for orphaned jobs and tidy empty ones
     heartbeat_interval_s: float = 0.5
     flags_interval_s: float = 0.05
     drain_s: float = 30.0  # on SIGTERM: time to finish running jobs before handing them back
@@ -98,7 +99,7 @@ class WorkerService:
         self.active: dict[str, Active] = {}
         self.held: set[str] = {BASE}  # adapter keys registered with the engine
         self._outbox: list[tuple[Outgoing, Claimed | None]] = []
-        self._due = {"reclaim": 0.0, "flags": 0.0}
+        self._due = {"reclaim": 0.0, "flags": 0.0, "sweep": 0.0}
 
     def run(self, stop: threading.Event) -> None:
         """Serve until `stop` is set, then drain for `drain_s` and hand back the rest."""
@@ -125,7 +126,11 @@ class WorkerService:
             self._claim()
         if now >= self._due["reclaim"]:
             self._due["reclaim"] = now + self.settings.reclaim_interval_s
-            for claimed in self.consumer.reclaim():
+            full = now >= self._due["sweep"]  # a full sweep also tidies empty queues
+            self._due["sweep"] = (
+                now + self.settings.sweep_interval_s if full else self._due["sweep"]
+            )
+            for claimed in self.consumer.reclaim(full):
                 self._admit(claimed)
         if now >= self._due["flags"]:
             self._due["flags"] = now + self.settings.flags_interval_s
@@ -151,13 +156,9 @@ class WorkerService:
     def _admit(self, claimed: Claimed) -> None:
         job = claimed.job
         if claimed.deliveries > self.consumer.limits.max_deliveries:
-            self.consumer.dead_letter(claimed, f"delivered {claimed.deliveries} times")
-            self._end(
-                claimed,
-                0,
-                Code.INTERNAL,
-                f"job failed on {claimed.deliveries - 1} workers; dead-lettered",
-            )
+            message = f"job failed on {claimed.deliveries - 1} workers; dead-lettered"
+            self.consumer.dead_letter(claimed, message)
+            self._end(claimed, 0, Code.INTERNAL, message)
             return
         start = self.publisher.begin(job.request_id)
         if start.state is StartState.READY and time.time() * 1000 > job.deadline_ms:
@@ -273,25 +274,20 @@ class WorkerService:
         return max(int(job.deadline_ms - time.time() * 1000), 0) + self.settings.result_ttl_s * 1000
 
     def _heartbeats(self, done: threading.Event) -> None:
-        while True:
+        while not done.is_set():
             try:
                 self.consumer.heartbeat()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
-            if done.wait(self.settings.heartbeat_interval_s):
-                return
+            done.wait(self.settings.heartbeat_interval_s)
 
     def _hand_back(self) -> None:
         """After the drain: jobs that streamed nothing go back to the queue; others end."""
         for a in list(self.active.values()):
             self.engine.cancel(a.claimed.job.request_id)
+            message = f"worker stopped after {a.deltas} tokens; retry"
             if a.deltas:
-                self._end(
-                    a.claimed,
-                    a.attempt,
-                    Code.UNAVAILABLE,
-                    f"worker stopped after {a.deltas} tokens; retry",
-                )
+                self._end(a.claimed, a.attempt, Code.UNAVAILABLE, message)
         self.active.clear()
         try:
             self._flush()

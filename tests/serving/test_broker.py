@@ -89,11 +89,12 @@ def test_dead_worker_jobs_are_reclaimed_and_dead_lettered(redis_url: str) -> Non
     assert [(c.job.request_id, c.deliveries) for c in taken] == [("r1", 2)]
     other = Consumer(client, "other", limits)
     time.sleep(0.3)
-    again = other.reclaim()
+    assert other.reclaim() == []  # "alive" never heartbeated: only a full sweep sees it
+    again = other.reclaim(full=True)
     assert [c.deliveries for c in again] == [3]
     other.dead_letter(again[0], "too many deliveries")
     assert client.xlen(keys.DEAD) == 1 and int(client.get(keys.TOTAL) or 0) == 0
-    other.reclaim()  # tidies the now-empty queue
+    other.reclaim(full=True)  # tidies the now-empty queue
     assert client.smembers(keys.STREAMS) == set()
 
 

@@ -215,7 +215,7 @@ def test_too_many_deliveries_go_to_the_dead_letter_stream(redis_url: str) -> Non
     enqueue(redis_url, "poison")
     for i in range(4):
         w = service(redis_url, f"w{i}", heartbeat_ttl_s=0.1, max_deliveries=2)
-        w._claim() if i == 0 else w.consumer.reclaim()  # each "crashes" right after claiming
+        w._claim() if i == 0 else w.consumer.reclaim(full=True)  # each "crashes" after claiming
         time.sleep(0.15)
         if events(redis_url, "poison"):
             break
