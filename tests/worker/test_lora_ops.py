@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from worker.kernels import lora_ref
-from worker.kernels.lora_ref import Segments
+from worker.kernels.lora_ref import ExpandPart, Segments
 
 RANKS = {"uniform8": [8], "mixed": [4, 8, 16, 64], "tiny-and-big": [1, 128]}
 # Relative to the largest output magnitude: the rounding of the input and of the
@@ -54,11 +54,15 @@ def test_sgmv_and_bgmv_match_float64(dtype: torch.dtype, ranks: str, kind: str, 
     slots = popularity(kind, batch, num_adapters, gen)
     expected = reference(x, slots, a, b, s)
 
+    def parts(i: int) -> tuple[ExpandPart, ...]:
+        return (ExpandPart(slice(0, rank_of[i]), slice(0, n_out), b[i]),)
+
     segs = Segments.from_rows(slots)
-    pick = [(None, None, 0.0) if i < 0 else (a[i], b[i], s[i]) for i in segs.slots]
     y = torch.zeros(batch, n_out, dtype=dtype)
-    v = lora_ref.sgmv_shrink(x, segs, [p[0] for p in pick], [p[2] for p in pick])
-    lora_ref.sgmv_expand(y, v, segs, [p[1] for p in pick])
+    v = lora_ref.sgmv_shrink(
+        x, segs, [None if i < 0 else a[i] for i in segs.slots], [s[i] for i in segs.slots]
+    )
+    lora_ref.sgmv_expand(y, v, segs, [() if i < 0 else parts(i) for i in segs.slots])
     atol = TOL[dtype] * max(1.0, float(expected.abs().max()))
     torch.testing.assert_close(y.double(), expected, atol=atol, rtol=0)
 
@@ -68,7 +72,7 @@ def test_sgmv_and_bgmv_match_float64(dtype: torch.dtype, ranks: str, kind: str, 
     v2 = lora_ref.bgmv_shrink(
         x[order], rows, [a[i] for i in group_slots], [s[i] for i in group_slots]
     )
-    lora_ref.bgmv_expand(y2, v2, rows, [b[i] for i in group_slots])
+    lora_ref.bgmv_expand(y2, v2, rows, [parts(i) for i in group_slots])
     torch.testing.assert_close(y2.double(), expected[order], atol=atol, rtol=0)
 
 
@@ -77,3 +81,24 @@ def test_segments_from_rows() -> None:
     assert segs.starts == (0, 2, 5, 6)
     assert segs.ends == (2, 5, 6, 8)
     assert segs.slots == (-1, 0, 3, 5)
+
+
+def test_fused_shrink_with_two_expand_parts_equals_two_projections() -> None:
+    """[A_q | A_v] shrunk once, expanded into two column ranges of a fused output."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 16, generator=gen, dtype=torch.float64)
+    a_q, b_q = (
+        torch.randn(16, 3, generator=gen, dtype=torch.float64),
+        torch.randn(3, 8, generator=gen, dtype=torch.float64),
+    )
+    a_v, b_v = (
+        torch.randn(16, 2, generator=gen, dtype=torch.float64),
+        torch.randn(2, 4, generator=gen, dtype=torch.float64),
+    )
+    segs = Segments.from_rows([0] * 5)
+    y = torch.zeros(5, 12, dtype=torch.float64)
+    v = lora_ref.sgmv_shrink(x, segs, [torch.cat([a_q, a_v], dim=1)], [0.5])
+    fused = (ExpandPart(slice(0, 3), slice(0, 8), b_q), ExpandPart(slice(3, 5), slice(8, 12), b_v))
+    lora_ref.sgmv_expand(y, v, segs, [fused])
+    torch.testing.assert_close(y[:, :8], 0.5 * x @ a_q @ b_q)
+    torch.testing.assert_close(y[:, 8:], 0.5 * x @ a_v @ b_v)

@@ -12,6 +12,11 @@ segment s's adapter, scale_s its LoRA scale (alpha/r, or alpha/sqrt(r) with rsLo
 
 together y[seg] += scale_s · (x[seg] @ A_s) @ B_s. A segment whose adapter does not
 target this projection (or a base-model segment) has A_s = B_s = None and is skipped.
+
+Projections that share an input (q, k, v; gate, up) shrink once with their A
+matrices side by side, A_s = [A_q | A_k | A_v]; expand then has one part per
+projection: the part's columns of v, its B, and the columns of the fused output y
+it adds into. A scale of 1.0 (the caller folded it into B) costs nothing.
 """
 
 from __future__ import annotations
@@ -46,6 +51,15 @@ class Segments:
         return Segments(tuple(starts), tuple(ends), tuple(slots))
 
 
+@dataclass(frozen=True)
+class ExpandPart:
+    """One projection inside a fused expand: y[:, out_cols] += v[:, rank_cols] @ b."""
+
+    rank_cols: slice  # columns of the shrink output v this part reads (its r)
+    out_cols: slice  # columns of y it adds into
+    b: torch.Tensor  # [r, out]
+
+
 def sgmv_shrink(
     x: torch.Tensor,  # [T, in]
     segments: Segments,
@@ -54,7 +68,8 @@ def sgmv_shrink(
 ) -> list[torch.Tensor | None]:  # per segment: [len_s, r_s] or None
     out: list[torch.Tensor | None] = []
     for start, end, a_s, s in zip(segments.starts, segments.ends, a, scale, strict=True):
-        out.append(None if a_s is None else torch.mm(x[start:end], a_s).mul_(s))
+        v_s = None if a_s is None else torch.mm(x[start:end], a_s)
+        out.append(v_s if v_s is None or s == 1.0 else v_s.mul_(s))
     return out
 
 
@@ -62,11 +77,12 @@ def sgmv_expand(
     y: torch.Tensor,  # [T, out], updated in place
     v: Sequence[torch.Tensor | None],  # per segment: [len_s, r_s] or None
     segments: Segments,
-    b: Sequence[torch.Tensor | None],  # per segment: [r_s, out] or None
+    parts: Sequence[Sequence[ExpandPart]],  # per segment: its projections' parts
 ) -> None:
-    for start, end, v_s, b_s in zip(segments.starts, segments.ends, v, b, strict=True):
-        if v_s is not None and b_s is not None:
-            y[start:end].addmm_(v_s, b_s)
+    for start, end, v_s, parts_s in zip(segments.starts, segments.ends, v, parts, strict=True):
+        if v_s is not None:
+            for p in parts_s:
+                y[start:end, p.out_cols].addmm_(v_s[:, p.rank_cols], p.b)
 
 
 def bgmv_shrink(
@@ -76,22 +92,24 @@ def bgmv_shrink(
     scale: Sequence[float],  # per group
 ) -> list[torch.Tensor | None]:  # per group: [n_g, r_g] or None
     """BGMV shrink: v[b, j] = scale_{i_b} · Σ_i x[b, i] · A_{i_b}[i, j], rows in any order."""
-    return [
-        None if a_g is None else torch.mm(x.index_select(0, r), a_g).mul_(s)
-        for r, a_g, s in zip(rows, a, scale, strict=True)
-    ]
+    out: list[torch.Tensor | None] = []
+    for r, a_g, s in zip(rows, a, scale, strict=True):
+        v_g = None if a_g is None else torch.mm(x.index_select(0, r), a_g)
+        out.append(v_g if v_g is None or s == 1.0 else v_g.mul_(s))
+    return out
 
 
 def bgmv_expand(
     y: torch.Tensor,  # [B, out], updated in place
     v: Sequence[torch.Tensor | None],  # per group: [n_g, r_g] or None
     rows: Sequence[torch.Tensor],  # per group: row indices [n_g]
-    b: Sequence[torch.Tensor | None],  # per group: [r_g, out] or None
+    parts: Sequence[Sequence[ExpandPart]],  # per group: its projections' parts
 ) -> None:
     """BGMV expand: y[b, o] += Σ_j v[b, j] · B_{i_b}[j, o]."""
-    for v_g, r, b_g in zip(v, rows, b, strict=True):
-        if v_g is not None and b_g is not None:
-            y.index_add_(0, r, torch.mm(v_g, b_g))
+    for v_g, r, parts_g in zip(v, rows, parts, strict=True):
+        if v_g is not None:
+            for p in parts_g:
+                y[:, p.out_cols].index_add_(0, r, torch.mm(v_g[:, p.rank_cols], p.b))
 
 
 def group_rows(row_slots: torch.Tensor) -> tuple[list[int], list[torch.Tensor]]:

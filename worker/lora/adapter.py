@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from worker.model.config import ModelConfig
+from worker.kernels.lora_ref import ExpandPart
+from worker.model.config import FUSED_GROUPS, ModelConfig
+from worker.model.forward_batch import FusedLora
 
 BLOB_CONFIG_KEY = "lorapool.adapter_config"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
@@ -44,20 +46,11 @@ class AdapterLoadError(ValueError):
 class LoraAdapter:
     adapter_id: str
     rank: int  # the largest rank over its modules
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]  # A, B, scale
+    groups: dict[tuple[int, str], FusedLora]  # (layer, fused group) -> weights
     nbytes: int
 
-    def a(self, layer: int, module: str) -> torch.Tensor | None:
-        entry = self.weights.get((layer, module))
-        return None if entry is None else entry[0]
-
-    def b(self, layer: int, module: str) -> torch.Tensor | None:
-        entry = self.weights.get((layer, module))
-        return None if entry is None else entry[1]
-
-    def scale(self, layer: int, module: str) -> float:
-        entry = self.weights.get((layer, module))
-        return 0.0 if entry is None else entry[2]
+    def fused(self, layer: int, group: str) -> FusedLora | None:
+        return self.groups.get((layer, group))
 
 
 def load_adapter(
@@ -143,19 +136,48 @@ def _build(
     _check_config(config)
     shapes = model.projection_shapes()
     pairs = _pair_tensors(tensors, shapes, model.num_layers)
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
-    nbytes, top_rank = 0, 0
-    for (layer, module), (lora_a, lora_b) in sorted(pairs.items()):
+    modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    for (layer, module), (lora_a, lora_b) in pairs.items():
         rank = _check_shapes(layer, module, lora_a, lora_b, shapes[module], max_rank)
         if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
             raise AdapterLoadError(f"layer {layer} {module} has non-finite weights")
         scale = _scale(config, layer, module, rank)
-        a = lora_a.t().to(device=device, dtype=dtype).contiguous()  # [in, r]
-        b = lora_b.t().to(device=device, dtype=dtype).contiguous()  # [r, out]
-        weights[(layer, module)] = (a, b, scale)
-        nbytes += a.nbytes + b.nbytes
-        top_rank = max(top_rank, rank)
-    return LoraAdapter(adapter_id, top_rank, weights, nbytes)
+        # A as [in, r]; the scale folded into B as [r, out]: y += (x A)(s B).
+        modules[(layer, module)] = (lora_a.t().double(), lora_b.t().double() * scale)
+    groups = {
+        (layer, group): fused
+        for layer in range(model.num_layers)
+        for group in FUSED_GROUPS
+        if (fused := _fuse(modules, layer, group, model, device, dtype)) is not None
+    }
+    nbytes = sum(g.a.nbytes + sum(p.b.nbytes for p in g.parts) for g in groups.values())
+    top_rank = max(a.shape[1] for a, _ in modules.values())
+    return LoraAdapter(adapter_id, top_rank, groups, nbytes)
+
+
+def _fuse(
+    modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
+    layer: int,
+    group: str,
+    model: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> FusedLora | None:
+    """Side-by-side A of the group's targeted projections, and one expand part each."""
+    a_list, parts, rank_start = [], [], 0
+    for module, out_cols in model.fused_columns(group).items():
+        if (layer, module) not in modules:
+            continue
+        a, b = modules[(layer, module)]
+        rank = a.shape[1]
+        a_list.append(a)
+        b_dev = b.to(device=device, dtype=dtype).contiguous()
+        parts.append(ExpandPart(slice(rank_start, rank_start + rank), out_cols, b_dev))
+        rank_start += rank
+    if not a_list:
+        return None
+    a_cat = torch.cat(a_list, dim=1).to(device=device, dtype=dtype).contiguous()
+    return FusedLora(a_cat, tuple(parts))
 
 
 def _check_config(config: dict[str, Any]) -> None:

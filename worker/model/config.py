@@ -17,6 +17,15 @@ SUPPORTED_MODEL_TYPES: dict[str, bool] = {
 }
 
 
+# The model runs projections that share an input as one fused matmul; LoRA follows.
+FUSED_GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model_type: str
@@ -55,6 +64,16 @@ class ModelConfig:
             "up_proj": (h, i),
             "down_proj": (i, h),
         }
+
+    def fused_columns(self, group: str) -> dict[str, slice]:
+        """Columns of each projection inside its group's fused output."""
+        shapes = self.projection_shapes()
+        columns, start = {}, 0
+        for module in FUSED_GROUPS[group]:
+            out = shapes[module][1]
+            columns[module] = slice(start, start + out)
+            start += out
+        return columns
 
 
 def model_config_from_hf(hf: Any) -> ModelConfig:

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import torch
 
-from worker.kernels.lora_ref import Segments
+from worker.kernels.lora_ref import ExpandPart, Segments
 
 
 @dataclass(frozen=True)
@@ -21,12 +21,18 @@ class AttentionGroup:
     mask: torch.Tensor  # [B, 1, Lq, Lk] bool: causal and padding mask
 
 
+@dataclass(frozen=True)
+class FusedLora:
+    """One adapter on one fused projection group of one layer (scales folded into B)."""
+
+    a: torch.Tensor  # [in, Σ r_m]: the A of each targeted projection side by side
+    parts: tuple[ExpandPart, ...]  # one per targeted projection
+
+
 class LoraWeights(Protocol):
     """One adapter's weights as the model reads them (see worker.lora.adapter)."""
 
-    def a(self, layer: int, module: str) -> torch.Tensor | None: ...  # [in, r]
-    def b(self, layer: int, module: str) -> torch.Tensor | None: ...  # [r, out]
-    def scale(self, layer: int, module: str) -> float: ...
+    def fused(self, layer: int, group: str) -> FusedLora | None: ...
 
 
 @dataclass(frozen=True)

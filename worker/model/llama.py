@@ -54,15 +54,6 @@ class LlamaModel:
         self.layers = layers
         self.norm = norm
         self.lm_head = lm_head
-        c = config
-        # Column ranges of each LoRA-able projection inside the fused outputs.
-        self.qkv_split = {
-            "q_proj": (0, c.q_size),
-            "k_proj": (c.q_size, c.q_size + c.kv_size),
-            "v_proj": (c.q_size + c.kv_size, c.q_size + 2 * c.kv_size),
-        }
-        i = c.intermediate_size
-        self.gate_up_split = {"gate_proj": (0, i), "up_proj": (i, 2 * i)}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -89,7 +80,7 @@ class LlamaModel:
         for index, layer in enumerate(self.layers):
             x = rms_norm(h, layer.input_norm, c.rms_norm_eps)
             qkv = F.linear(x, layer.qkv, layer.qkv_bias)  # [T, q + 2kv]
-            self._lora(batch.lora, index, x, qkv, self.qkv_split)
+            self._lora(batch.lora, index, "qkv", x, qkv)
             q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
             q = apply_rope(q.view(-1, c.num_heads, c.head_dim), cos, sin)
             k = apply_rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
@@ -97,15 +88,15 @@ class LlamaModel:
             write_kv(kv.k[index], kv.v[index], k, v, batch.slot_mapping)
             attn = self._attention(q, kv.k[index], kv.v[index], batch.attention)  # [T, q]
             o = F.linear(attn, layer.o)
-            self._lora(batch.lora, index, attn, o, {"o_proj": (0, c.hidden_size)})
+            self._lora(batch.lora, index, "o", attn, o)
             h = h + o
             x = rms_norm(h, layer.post_norm, c.rms_norm_eps)
             gate_up = F.linear(x, layer.gate_up)  # [T, 2 intermediate]
-            self._lora(batch.lora, index, x, gate_up, self.gate_up_split)
+            self._lora(batch.lora, index, "gate_up", x, gate_up)
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up
             down = F.linear(act, layer.down)
-            self._lora(batch.lora, index, act, down, {"down_proj": (0, c.hidden_size)})
+            self._lora(batch.lora, index, "down", act, down)
             h = h + down
         h = rms_norm(h[batch.logits_index], self.norm, c.rms_norm_eps)
         return F.linear(h, self.lm_head).float()
@@ -147,20 +138,20 @@ class LlamaModel:
     def _lora(
         lora: LoraBatch | None,
         layer: int,
+        group: str,  # fused projection group: qkv, o, gate_up or down
         x: torch.Tensor,  # [T, in]
         y: torch.Tensor,  # [T, fused out] updated in place
-        columns: dict[str, tuple[int, int]],  # module -> its column range in y
     ) -> None:
+        """y[seg] += (x[seg] @ A_s) @ B_s for each segment's adapter (SGMV shrink, expand)."""
         if lora is None:
             return
-        for module, (lo, hi) in columns.items():
-            a = [None if w is None else w.a(layer, module) for w in lora.adapters]
-            if all(a_s is None for a_s in a):
-                continue
-            b = [None if w is None else w.b(layer, module) for w in lora.adapters]
-            s = [0.0 if w is None else w.scale(layer, module) for w in lora.adapters]
-            v = lora_ref.sgmv_shrink(x, lora.segments, a, s)
-            lora_ref.sgmv_expand(y[:, lo:hi], v, lora.segments, b)
+        fused = [None if w is None else w.fused(layer, group) for w in lora.adapters]
+        if all(f is None for f in fused):
+            return
+        a = [None if f is None else f.a for f in fused]
+        v = lora_ref.sgmv_shrink(x, lora.segments, a, [1.0] * len(fused))
+        parts = [() if f is None else f.parts for f in fused]
+        lora_ref.sgmv_expand(y, v, lora.segments, parts)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
