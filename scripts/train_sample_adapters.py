@@ -297,6 +297,44 @@ def save_fp16(model: PeftModel, out_dir: Path) -> None:
         readme.unlink()
 
 
+def upper_fraction(texts: list[str]) -> float:
+    letters = [c for t in texts for c in t if c.isalpha()]
+    return sum(c.isupper() for c in letters) / max(1, len(letters))
+
+
+def is_json_answer(text: str) -> bool:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get(JSON_KEY), str) and bool(obj[JSON_KEY])
+
+
+def evaluate(
+    model_dir: Path, tok: PreTrainedTokenizerBase, prompts: list[str], out: Path, names: list[str]
+) -> None:
+    """Greedy answers (48 new tokens) from the base and each adapter; log the metrics."""
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model: Any = PeftModel.from_pretrained(base, str(out / names[0]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(out / name), adapter_name=name)
+    model.eval()
+    results: dict[str, list[str]] = {}
+    with model.disable_adapter():
+        results["base"] = generate(model, tok, prompts)
+    for name in names:
+        model.set_adapter(name)
+        results[name] = generate(model, tok, prompts)
+    for label, texts in results.items():
+        json_ok = sum(map(is_json_answer, texts)) / len(texts)
+        log.info(
+            "%-5s upper-case letters %5.1f%%  valid {%r: str} %5.1f%%  (%d prompts)",
+            label, 100 * upper_fraction(texts), JSON_KEY, 100 * json_ok, len(texts),
+        )  # fmt: skip
+        for prompt, text in list(zip(prompts, texts, strict=True))[:3]:
+            log.info("    %s -> %s", prompt, text)
+
+
 def normalise_config(path: Path) -> None:
     """Machine-independent, deterministic adapter_config.json (hub id, sorted modules)."""
     config = json.loads(path.read_text())
@@ -319,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         "--regen-answers",
         action="store_true",
         help="re-run the base model even if base_answers.jsonl covers train.jsonl",
+    )
+    ap.add_argument(
+        "--eval",
+        action="store_true",
+        help="only measure base vs adapters (from --out) on all held-out prompts",
     )
     ap.add_argument("--only", nargs="*", choices=sorted(TRANSFORMS), help="train only these")
     ap.add_argument("--rank", type=int, default=8)
@@ -344,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = base_model_dir()
     tok = AutoTokenizer.from_pretrained(model_dir)
+    if args.eval:
+        evaluate(model_dir, tok, sorted(heldout_prompts), args.out, args.only or sorted(TRANSFORMS))
+        return 0
 
     answers_path = args.data / "base_answers.jsonl"
     cached = read_jsonl(answers_path) if answers_path.exists() else []
