@@ -47,18 +47,33 @@ def adapter_dirs(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) ->
     }
 
 
-def peft_greedy(base_dir: Path, adapter: Path | None, ids: list[int]) -> list[int]:
-    model: Any = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter))
+@pytest.fixture(scope="module")
+def peft_model(smollm2_dir: Path, adapter_dirs: dict[str, Path]) -> Any:
+    """One PEFT model holding every adapter; set_adapter picks the one to run alone."""
+    base = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32)
+    names = list(adapter_dirs)
+    model = PeftModel.from_pretrained(base, str(adapter_dirs[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(adapter_dirs[name]), adapter_name=name)
+    return model.eval()
+
+
+def peft_greedy(model: Any, adapter: str | None, ids: list[int]) -> list[int]:
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
+        if adapter is None:
+            with model.disable_adapter():
+                out = model.generate(
+                    torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False
+                )
+        else:
+            model.set_adapter(adapter)
+            out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
     return out[0, len(ids) :].tolist()
 
 
 @pytest.mark.slow
 def test_mixed_batch_matches_peft_alone(
-    smollm2_engine: Engine, smollm2_dir: Path, adapter_dirs: dict[str, Path]
+    smollm2_engine: Engine, peft_model: Any, adapter_dirs: dict[str, Path]
 ) -> None:
     for name, path in adapter_dirs.items():
         smollm2_engine.register_adapter(name, path)
@@ -71,7 +86,7 @@ def test_mixed_batch_matches_peft_alone(
     base_tokens = {}
     for (name, prompt), result in zip(jobs, results, strict=True):
         ids = smollm2_engine.encode(prompt)
-        ref = peft_greedy(smollm2_dir, None if name is None else adapter_dirs[name], ids)
+        ref = peft_greedy(peft_model, name, ids)
         assert result.token_ids == ref, f"adapter {name} prompt {prompt}"
         if name is None:
             base_tokens[str(prompt)] = ref
