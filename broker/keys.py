@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -23,7 +24,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from protos.lorapool.v1 import queue_pb2
+from protos.lorapool.v1 import generation_pb2, queue_pb2
 
 GROUP = "workers"
 BASE = "base"  # adapter key of the base model
@@ -84,6 +85,31 @@ def decode_job(data: bytes) -> queue_pb2.Job:
     job = queue_pb2.Job()
     job.ParseFromString(data)
     return job
+
+
+def decode_prompt(
+    request: generation_pb2.GenerateRequest,
+) -> str | list[int] | list[dict[str, str]]:
+    """The prompt as plain Python: text, token ids, or chat messages."""
+    kind = request.WhichOneof("prompt")
+    if kind == "chat":
+        return [{"role": m.role, "content": m.content} for m in request.chat.messages]
+    if kind == "token_ids":
+        return list(request.token_ids.ids)
+    return request.text
+
+
+def decode_sampling(request: generation_pb2.GenerateRequest) -> dict[str, Any]:
+    """Sampling fields as keyword arguments; unset optional fields are left out."""
+    s = request.sampling
+    present = {f: getattr(s, f) for f in ("temperature", "top_p", "seed") if s.HasField(f)}
+    return dict(
+        top_k=s.top_k,
+        max_tokens=s.max_tokens or 64,
+        stop=tuple(s.stop),
+        ignore_eos=s.ignore_eos,
+        **present,
+    )
 
 
 def encode_event(event: queue_pb2.Event) -> bytes:

@@ -12,8 +12,10 @@ import os
 import signal
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from prometheus_client import start_http_server
@@ -65,22 +67,44 @@ def engine_config(a: argparse.Namespace, env: Mapping[str, str]) -> EngineConfig
     )
 
 
-def blob_fetcher(blobs: BlobStore, cache: Path) -> Callable[[str], Path]:
-    """digest → a verified local blob file, fetched once into `cache`."""
-    cache.mkdir(parents=True, exist_ok=True)
+class BlobCache:
+    """digest → a verified local blob file. Fetches run on a thread pool so a cold adapter
+    never stalls the step loop: `__call__` answers None until the file is there."""
 
-    def fetch(digest: str) -> Path:
+    def __init__(self, blobs: BlobStore, cache: Path, observe: Callable[[float], None]) -> None:
+        cache.mkdir(parents=True, exist_ok=True)
+        self._blobs = blobs
+        self._cache = cache
+        self._observe = observe  # fetch durations, for the adapter load-time histogram
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="blob-fetch")
+        self._fetching: dict[str, Future[None]] = {}
+
+    def __call__(self, digest: str) -> Path | None:
         try:
-            dest = cache / f"{check_digest(digest)}.safetensors"
-            if not dest.is_file():
-                tmp = cache / f".{digest}.{uuid.uuid4().hex}.part"
-                blobs.fetch_to(digest, tmp)  # verifies the sha256
-                tmp.replace(dest)
+            dest = self._cache / f"{check_digest(digest)}.safetensors"
+        except AdapterStoreError as exc:
+            raise AdapterFetchError(f"bad adapter digest: {exc}") from exc
+        if dest.is_file():
             return dest
+        future = self._fetching.get(digest)
+        if future is None:
+            self._fetching[digest] = self._pool.submit(self._fetch, digest, dest)
+            return None
+        if not future.done():
+            return None
+        del self._fetching[digest]
+        try:
+            future.result()
         except (AdapterStoreError, OSError) as exc:
             raise AdapterFetchError(f"adapter {digest[:12]} could not be fetched: {exc}") from exc
+        return dest
 
-    return fetch
+    def _fetch(self, digest: str, dest: Path) -> None:
+        t0 = time.perf_counter()
+        tmp = self._cache / f".{digest}.{uuid.uuid4().hex}.part"
+        self._blobs.fetch_to(digest, tmp)  # verifies the sha256
+        tmp.replace(dest)
+        self._observe(time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         engine,
         Consumer(client, name, Limits()),
         Publisher(client),
-        blob_fetcher(open_blob_store(store), config.cache_dir / "adapters"),
+        BlobCache(
+            open_blob_store(store),
+            config.cache_dir / "adapters",
+            metrics.adapter_load_seconds.observe,
+        ),
         settings,
         metrics,
     )

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-from broker.keys import BASE, Code, failure
+from broker.keys import BASE, Code, decode_prompt, decode_sampling, failure
 from broker.queue import Claimed, Consumer
 from broker.results import Outgoing, Publisher, StartState
 from protos.lorapool.v1 import generation_pb2, queue_pb2
@@ -59,34 +59,13 @@ class Active:
     stop: Code | None = None  # why we cancelled it: CANCELLED, DEADLINE_EXCEEDED, NOT_FOUND (lost)
 
 
-def sampling_of(request: generation_pb2.GenerateRequest) -> SamplingParams:
-    s = request.sampling
-    present = {f: getattr(s, f) for f in ("temperature", "top_p", "seed") if s.HasField(f)}
-    return SamplingParams(
-        top_k=s.top_k,
-        max_tokens=s.max_tokens or 64,
-        stop=tuple(s.stop),
-        ignore_eos=s.ignore_eos,
-        **present,
-    )
-
-
-def prompt_of(request: generation_pb2.GenerateRequest) -> str | list[int] | list[dict[str, str]]:
-    kind = request.WhichOneof("prompt")
-    if kind == "chat":
-        return [{"role": m.role, "content": m.content} for m in request.chat.messages]
-    if kind == "token_ids":
-        return list(request.token_ids.ids)
-    return request.text
-
-
 class WorkerService:
     def __init__(
         self,
         engine: Engine,
         consumer: Consumer,
         publisher: Publisher,
-        fetch: Callable[[str], Path],
+        fetch: Callable[[str], Path | None],
         settings: ServiceSettings,
         metrics: WorkerMetrics,
     ) -> None:
@@ -99,6 +78,7 @@ class WorkerService:
         self.active: dict[str, Active] = {}
         self.held: set[str] = {BASE}  # adapter keys registered with the engine
         self._outbox: list[tuple[Outgoing, Claimed | None]] = []
+        self._parked: list[tuple[Claimed, int]] = []  # waiting for their adapter's blob
         self._due = {"reclaim": 0.0, "flags": 0.0, "sweep": 0.0}
 
     def run(self, stop: threading.Event) -> None:
@@ -107,7 +87,9 @@ class WorkerService:
         beat = threading.Thread(target=self._heartbeats, args=(beating,), daemon=True)
         beat.start()
         drain_until: float | None = None
-        while drain_until is None or (self.active and time.monotonic() < drain_until):
+        while drain_until is None or (
+            (self.active or self._parked) and time.monotonic() < drain_until
+        ):
             if stop.is_set() and drain_until is None:
                 drain_until = time.monotonic() + self.settings.drain_s
                 log.info("stopping: draining %d jobs", len(self.active))
@@ -135,6 +117,7 @@ class WorkerService:
         if now >= self._due["flags"]:
             self._due["flags"] = now + self.settings.flags_interval_s
             self._check_flags()
+            self._unpark()
         if self.engine.has_unfinished():
             t0 = time.perf_counter()
             events = self.engine.step()
@@ -148,7 +131,8 @@ class WorkerService:
             time.sleep(self.settings.idle_sleep_s)
 
     def _claim(self) -> None:
-        room = min(self.settings.claim_batch, self.settings.max_active - len(self.active))
+        busy = len(self.active) + len(self._parked)
+        room = min(self.settings.claim_batch, self.settings.max_active - busy)
         if room > 0:
             for claimed in self.consumer.claim(self.held, room, self.settings.max_wait_ms):
                 self._admit(claimed)
@@ -177,9 +161,12 @@ class WorkerService:
     def _start(self, claimed: Claimed, attempt: int) -> None:
         job = claimed.job
         try:
-            adapter = self._ensure_adapter(job.adapter_digest)
-            sampling = sampling_of(job.request)
-            self.engine.add_request(job.request_id, prompt_of(job.request), sampling, adapter)
+            if not self._adapter_ready(job.adapter_digest):
+                self._parked.append((claimed, attempt))
+                return
+            sampling = SamplingParams(**decode_sampling(job.request))
+            adapter = job.adapter_digest or None
+            self.engine.add_request(job.request_id, decode_prompt(job.request), sampling, adapter)
         except AdapterFetchError as exc:
             self._end(claimed, attempt, Code.FAILED_PRECONDITION, str(exc))
             return
@@ -190,16 +177,29 @@ class WorkerService:
         self.metrics.queue_seconds.observe(max(now_ms - job.enqueued_ms, 0) / 1000)
         self.active[job.request_id] = Active(claimed, attempt, now_ms)
 
-    def _ensure_adapter(self, digest: str) -> str | None:
-        if not digest:
-            return None
-        if digest not in self.held:
-            t0 = time.perf_counter()
-            self.engine.register_adapter(digest, self.fetch(digest))
-            self.metrics.adapter_load_seconds.observe(time.perf_counter() - t0)
-            self.held.add(digest)
-            self.metrics.adapters_resident.set(len(self.held) - 1)
-        return digest
+    def _adapter_ready(self, digest: str) -> bool:
+        """True once the blob is local and registered; `fetch` works in the background."""
+        if not digest or digest in self.held:
+            return True
+        path = self.fetch(digest)  # None while the blob is still on its way
+        if path is None:
+            return False
+        self.engine.register_adapter(digest, path)
+        self.held.add(digest)
+        self.metrics.adapters_resident.set(len(self.held) - 1)
+        return True
+
+    def _unpark(self) -> None:
+        """Start the jobs whose adapter arrived; drop those cancelled or expired meanwhile."""
+        parked, self._parked = self._parked, []
+        flags = self.publisher.flags([c.job.request_id for c, _ in parked]) if parked else {}
+        for claimed, attempt in parked:
+            if claimed.job.request_id in flags:
+                self._end(claimed, attempt, Code.CANCELLED, "cancelled")
+            elif time.time() * 1000 > claimed.job.deadline_ms:
+                self._end(claimed, attempt, Code.DEADLINE_EXCEEDED, "deadline passed while queued")
+            else:
+                self._start(claimed, attempt)
 
     def _check_flags(self) -> None:
         now_ms = time.time() * 1000
@@ -289,6 +289,7 @@ class WorkerService:
             if a.deltas:
                 self._end(a.claimed, a.attempt, Code.UNAVAILABLE, message)
         self.active.clear()
+        self._parked.clear()  # never started: left pending for another worker
         try:
             self._flush()
             self.consumer.retire()  # others reclaim what is left pending, at once

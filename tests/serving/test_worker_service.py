@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from broker import keys
@@ -240,3 +241,57 @@ def test_sigterm_drains_then_hands_back(redis_url: str) -> None:
     _, code = outcome(redis_url, "long")
     assert code == keys.Code.UNAVAILABLE
     assert not redis.Redis.from_url(redis_url).exists(keys.heartbeat("w"))
+
+
+def test_a_cold_adapter_does_not_stall_other_jobs(redis_url: str) -> None:
+    enqueue(redis_url, "cold", "slow")
+    enqueue(redis_url, "warm")
+    svc = service(redis_url)
+    calls = {"n": 0}
+
+    def slow_fetch(digest: str) -> Path | None:
+        calls["n"] += 1
+        return Path("/blobs/slow") if calls["n"] > 6 else None
+
+    svc.fetch = slow_fetch
+    ticks(svc, 4)
+    assert outcome(redis_url, "warm") == ("abc", 0) and not events(redis_url, "cold")
+    ticks(svc, 8)
+    assert outcome(redis_url, "cold") == ("abc", 0)
+
+
+def test_cancel_while_the_adapter_loads(redis_url: str) -> None:
+    enqueue(redis_url, "parked", "never")
+    engine = ScriptedEngine()
+    svc = service(redis_url, engine=engine)
+    svc.fetch = lambda digest: None
+    ticks(svc, 2)
+
+    async def cancel() -> None:
+        client = keys.async_client(redis_url, 2)
+        await Producer(client, keys.Limits()).cancel("parked")
+        await client.aclose()
+
+    asyncio.run(cancel())
+    ticks(svc, 2)
+    assert outcome(redis_url, "parked") == ("", keys.Code.CANCELLED) and engine.added == []
+
+
+def test_blob_cache_fetches_in_the_background(tmp_path: Path) -> None:
+    from adapter_store.blobs import LocalBlobStore
+    from worker.__main__ import BlobCache
+
+    store = LocalBlobStore(tmp_path / "store")
+    digest = store.put(b"adapter bytes")
+    seen: list[float] = []
+    cache = BlobCache(store, tmp_path / "cache", seen.append)
+    deadline = time.monotonic() + 5
+    while (path := cache(digest)) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert path.read_bytes() == b"adapter bytes" and len(seen) == 1
+    assert cache(digest) == path  # cached: no second fetch
+    for bad in ("../../etc/passwd", "0" * 64):
+        with pytest.raises(AdapterFetchError):
+            while cache(bad) is None:
+                time.sleep(0.01)
