@@ -40,3 +40,11 @@ class WorkerMetrics:
         self.active = Gauge(
             "lorapool_worker_active_jobs", "Jobs claimed and not yet acked", registry=r
         )
+
+    def step(self, seconds: float, running: int) -> None:
+        self.step_seconds.observe(seconds)
+        self.batch_size.observe(max(running, 1))
+
+    def tick(self, active: int, free_pages: int) -> None:
+        self.active.set(active)
+        self.free_pages.set(free_pages)

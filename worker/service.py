@@ -38,8 +38,9 @@ class AdapterFetchError(Exception):
 
 @dataclass(frozen=True)
 class ServiceSettings:
-    max_active: int = 64  # jobs claimed at once (running or waiting in the engine)
-    claim_batch: int = 2  # jobs per claim (small: idle workers get a share)
+    max_active: int = 64  # jobs held at once: the engine's max_num_seqs, so none sit idle here
+    claim_batch: int = 8  # jobs per claim
+    claim_rounds: int = 4  # claims per tick (each from one adapter)
     max_wait_ms: float = 2000  # an adapter's oldest job waiting longer is served first
     idle_sleep_s: float = 0.01
     reclaim_interval_s: float = 1.0  # look for dead workers (cheap)
@@ -109,9 +110,8 @@ class WorkerService:
         if now >= self._due["reclaim"]:
             self._due["reclaim"] = now + self.settings.reclaim_interval_s
             full = now >= self._due["sweep"]  # a full sweep also tidies empty queues
-            self._due["sweep"] = (
-                now + self.settings.sweep_interval_s if full else self._due["sweep"]
-            )
+            if full:
+                self._due["sweep"] = now + self.settings.sweep_interval_s
             for claimed in self.consumer.reclaim(full):
                 self._admit(claimed)
         if now >= self._due["flags"]:
@@ -121,21 +121,24 @@ class WorkerService:
         if self.engine.has_unfinished():
             t0 = time.perf_counter()
             events = self.engine.step()
-            self.metrics.step_seconds.observe(time.perf_counter() - t0)
-            self.metrics.batch_size.observe(max(self.engine.stats().running, 1))
+            self.metrics.step(time.perf_counter() - t0, self.engine.stats().running)
             self._on_events(events)
         self._flush()
-        self.metrics.active.set(len(self.active))
-        self.metrics.free_pages.set(self.engine.stats().free_pages)
+        self.metrics.tick(len(self.active), self.engine.stats().free_pages)
         if not self.active and not self._outbox:
             time.sleep(self.settings.idle_sleep_s)
 
     def _claim(self) -> None:
-        busy = len(self.active) + len(self._parked)
-        room = min(self.settings.claim_batch, self.settings.max_active - busy)
-        if room > 0:
-            for claimed in self.consumer.claim(self.held, room, self.settings.max_wait_ms):
-                self._admit(claimed)
+        for _ in range(self.settings.claim_rounds):  # each round claims from one adapter
+            busy = len(self.active) + len(self._parked)
+            room = min(self.settings.claim_batch, self.settings.max_active - busy)
+            claimed = (
+                self.consumer.claim(self.held, room, self.settings.max_wait_ms) if room > 0 else []
+            )
+            if not claimed:
+                return
+            for job in claimed:
+                self._admit(job)
 
     def _admit(self, claimed: Claimed) -> None:
         job = claimed.job
@@ -249,9 +252,8 @@ class WorkerService:
             self._end(a.claimed, a.attempt, code, event.error or code.name.lower())
 
     def _send(self, a: Active, event: queue_pb2.Event, tokens: int, ack: bool = False) -> None:
-        out = Outgoing(
-            a.claimed.job.request_id, a.attempt, event, self._ttl_ms(a.claimed.job), tokens
-        )
+        job = a.claimed.job
+        out = Outgoing(job.request_id, a.attempt, event, self._ttl_ms(job), tokens)
         self._outbox.append((out, a.claimed if ack else None))
 
     def _end(self, claimed: Claimed, attempt: int, code: Code, message: str) -> None:

@@ -31,11 +31,11 @@ def popularity(kind: str, batch: int, num_adapters: int, gen: torch.Generator) -
 def reference(
     x: torch.Tensor, slots: list[int], a: list[torch.Tensor], b: list[torch.Tensor], s: list[float]
 ) -> torch.Tensor:
-    """y[t] = s_i · x[t] A_i B_i in float64, one token at a time."""
+    """y[t] = s_i · x[t] A_iᵀ B_i in float64, one token at a time (A_i: [r, in])."""
     y = torch.zeros(x.shape[0], b[0].shape[1], dtype=torch.float64)
     for t, i in enumerate(slots):
         if i >= 0:
-            y[t] = s[i] * (x[t].double() @ a[i].double() @ b[i].double())
+            y[t] = s[i] * (x[t].double() @ a[i].double().t() @ b[i].double())
     return y
 
 
@@ -47,7 +47,7 @@ def test_sgmv_and_bgmv_match_float64(dtype: torch.dtype, ranks: str, kind: str, 
     gen = torch.Generator().manual_seed(batch)
     n_in, n_out, num_adapters = 48, 40, 6
     rank_of = [RANKS[ranks][i % len(RANKS[ranks])] for i in range(num_adapters)]
-    a = [torch.randn(n_in, r, generator=gen).to(dtype) / n_in**0.5 for r in rank_of]
+    a = [torch.randn(r, n_in, generator=gen).to(dtype) / n_in**0.5 for r in rank_of]
     b = [torch.randn(r, n_out, generator=gen).to(dtype) / r**0.5 for r in rank_of]
     s = [0.5 + i for i in range(num_adapters)]
     x = torch.randn(batch, n_in, generator=gen).to(dtype)
@@ -84,21 +84,21 @@ def test_segments_from_rows() -> None:
 
 
 def test_fused_shrink_with_two_expand_parts_equals_two_projections() -> None:
-    """[A_q | A_v] shrunk once, expanded into two column ranges of a fused output."""
+    """[A_q; A_v] shrunk once, expanded into two column ranges of a fused output."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 16, generator=gen, dtype=torch.float64)
     a_q, b_q = (
-        torch.randn(16, 3, generator=gen, dtype=torch.float64),
+        torch.randn(3, 16, generator=gen, dtype=torch.float64),
         torch.randn(3, 8, generator=gen, dtype=torch.float64),
     )
     a_v, b_v = (
-        torch.randn(16, 2, generator=gen, dtype=torch.float64),
+        torch.randn(2, 16, generator=gen, dtype=torch.float64),
         torch.randn(2, 4, generator=gen, dtype=torch.float64),
     )
     segs = Segments.from_rows([0] * 5)
     y = torch.zeros(5, 12, dtype=torch.float64)
-    v = lora_ref.sgmv_shrink(x, segs, [torch.cat([a_q, a_v], dim=1)], [0.5])
+    v = lora_ref.sgmv_shrink(x, segs, [torch.cat([a_q, a_v], dim=0)], [0.5])
     fused = (ExpandPart(slice(0, 3), slice(0, 8), b_q), ExpandPart(slice(3, 5), slice(8, 12), b_v))
     lora_ref.sgmv_expand(y, v, segs, [fused])
-    torch.testing.assert_close(y[:, :8], 0.5 * x @ a_q @ b_q)
-    torch.testing.assert_close(y[:, 8:], 0.5 * x @ a_v @ b_v)
+    torch.testing.assert_close(y[:, :8], 0.5 * x @ a_q.t() @ b_q)
+    torch.testing.assert_close(y[:, 8:], 0.5 * x @ a_v.t() @ b_v)

@@ -142,8 +142,8 @@ def _build(
         if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
             raise AdapterLoadError(f"layer {layer} {module} has non-finite weights")
         scale = _scale(config, layer, module, rank)
-        # A as [in, r]; the scale folded into B as [r, out]: y += (x A)(s B).
-        modules[(layer, module)] = (lora_a.t().double(), lora_b.t().double() * scale)
+        # A as [r, in] (PEFT's layout); the scale folded into B as [r, out]: y += (x Aᵀ)(s B).
+        modules[(layer, module)] = (lora_a.double(), lora_b.t().double() * scale)
     groups = {
         (layer, group): fused
         for layer in range(model.num_layers)
@@ -151,7 +151,7 @@ def _build(
         if (fused := _fuse(modules, layer, group, model, device, dtype)) is not None
     }
     nbytes = sum(g.a.nbytes + sum(p.b.nbytes for p in g.parts) for g in groups.values())
-    top_rank = max(a.shape[1] for a, _ in modules.values())
+    top_rank = max(a.shape[0] for a, _ in modules.values())
     return LoraAdapter(adapter_id, top_rank, groups, nbytes)
 
 
@@ -163,20 +163,20 @@ def _fuse(
     device: torch.device,
     dtype: torch.dtype,
 ) -> FusedLora | None:
-    """Side-by-side A of the group's targeted projections, and one expand part each."""
+    """Stacked A of the group's targeted projections, and one expand part each."""
     a_list, parts, rank_start = [], [], 0
     for module, out_cols in model.fused_columns(group).items():
         if (layer, module) not in modules:
             continue
         a, b = modules[(layer, module)]
-        rank = a.shape[1]
+        rank = a.shape[0]
         a_list.append(a)
         b_dev = b.to(device=device, dtype=dtype).contiguous()
         parts.append(ExpandPart(slice(rank_start, rank_start + rank), out_cols, b_dev))
         rank_start += rank
     if not a_list:
         return None
-    a_cat = torch.cat(a_list, dim=1).to(device=device, dtype=dtype).contiguous()
+    a_cat = torch.cat(a_list, dim=0).to(device=device, dtype=dtype).contiguous()
     return FusedLora(a_cat, tuple(parts))
 
 

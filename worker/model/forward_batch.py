@@ -25,7 +25,7 @@ class AttentionGroup:
 class FusedLora:
     """One adapter on one fused projection group of one layer (scales folded into B)."""
 
-    a: torch.Tensor  # [in, Σ r_m]: the A of each targeted projection side by side
+    a: torch.Tensor  # [Σ r_m, in]: the A of each targeted projection, stacked
     parts: tuple[ExpandPart, ...]  # one per targeted projection
 
 
