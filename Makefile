@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup test lint typecheck imports pytest serve bench protos clean
+.PHONY: setup test lint typecheck imports pytest serve bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,7 @@ serve: setup
 
 bench: setup
 	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/serving.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
