@@ -108,6 +108,9 @@ class ModelRunner:
         # Query j of sequence b sits at position ctx_len_b - Lq + j and sees ctx <= that.
         q_pos = ctx_lens[:, None] - lq + torch.arange(lq)[None, :]  # [B, Lq]
         mask = ctx[None, None, :] <= q_pos[:, :, None]  # [B, Lq, Lk]
+        window = self.model.config.sliding_window
+        if window is not None:  # and sees only the latest `window` positions
+            mask &= ctx[None, None, :] > q_pos[:, :, None] - window
         return AttentionGroup(
             rows=rows,
             num_seqs=len(items),

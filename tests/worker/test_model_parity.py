@@ -56,6 +56,18 @@ def test_tiny_models_match_hf_logits(model_type: str, tiny_model: Callable[..., 
         torch.testing.assert_close(ours, ref, atol=LOGIT_ATOL, rtol=0)
 
 
+def test_mistral_sliding_window_matches_hf(tiny_model: Callable[..., Path]) -> None:
+    path = tiny_model("mistral", sliding_window=8)
+    engine = Engine.from_config(EngineConfig(model=str(path), page_size=4))
+    seen = record_logits(engine)
+    prompt = list(range(100, 130))  # longer than the window
+    result = engine.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + result.token_ids])).logits[0, len(prompt) - 1 : -1]
+    torch.testing.assert_close(torch.stack(seen["generate-0"]), ref, atol=LOGIT_ATOL, rtol=0)
+
+
 def test_qwen2_has_qkv_bias(tiny_model: Callable[..., Path]) -> None:
     engine = Engine.from_config(EngineConfig(model=str(tiny_model("qwen2"))))
     assert all(layer.qkv_bias is not None for layer in engine.model.layers)

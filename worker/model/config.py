@@ -41,6 +41,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     max_position_embeddings: int
     eos_token_ids: tuple[int, ...]
+    sliding_window: int | None  # attend to at most this many latest positions (Mistral)
     inv_freq: torch.Tensor  # [head_dim / 2] RoPE frequencies after the config's scaling
     rope_attention_scaling: float  # cos/sin multiplier (1.0 except YaRN-style scalings)
 
@@ -99,9 +100,18 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
         tie_word_embeddings=bool(hf.tie_word_embeddings),
         max_position_embeddings=hf.max_position_embeddings,
         eos_token_ids=eos_ids,
+        sliding_window=_sliding_window(hf),
         inv_freq=inv_freq,
         rope_attention_scaling=attention_scaling,
     )
+
+
+def _sliding_window(hf: Any) -> int | None:
+    """Mistral sets sliding_window; Qwen2 only when use_sliding_window is on."""
+    if hf.model_type == "qwen2" and not getattr(hf, "use_sliding_window", False):
+        return None
+    window = getattr(hf, "sliding_window", None)
+    return int(window) if window else None
 
 
 def _rope(hf: Any, head_dim: int) -> tuple[torch.Tensor, float]:
