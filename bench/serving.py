@@ -87,7 +87,8 @@ def engine_direct(n: int, max_tokens: int, max_num_seqs: int) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--requests", type=int, default=16)
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=16, help="clients streaming at once")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="the engine's batch limit")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument(
         "--threads",
@@ -104,7 +105,7 @@ def main() -> int:
 
     torch.set_num_threads(a.threads)  # the same compute for the direct engine as for one worker
     model_dir = resolve_model_dir(DEFAULT_MODEL, default_cache_dir())
-    direct = engine_direct(a.requests, a.max_tokens, a.concurrency)
+    direct = engine_direct(a.requests, a.max_tokens, a.max_num_seqs)
     results: dict[str, object] = {
         "workload": vars(a) | {"out": str(a.out)},
         "engine_direct_tokens_per_s": direct,
@@ -114,7 +115,7 @@ def main() -> int:
         redis_proc.start()
         env = base_env(Path(tmp), redis_proc.url, f"sqlite:///{tmp}/r.sqlite3", model_dir)
         env.update(
-            LORAPOOL_MAX_NUM_SEQS=str(a.concurrency),
+            LORAPOOL_MAX_NUM_SEQS=str(a.max_num_seqs),
             LORAPOOL_MAX_DEPTH_PER_ADAPTER="4096",
             LORAPOOL_MAX_DEPTH_TOTAL="4096",
             LORAPOOL_NUM_PAGES="1024",
