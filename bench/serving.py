@@ -98,6 +98,7 @@ def main() -> int:
     )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
     a = p.parse_args()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the workers (base_env): no spinning
     import torch
 
     from worker.config import default_cache_dir

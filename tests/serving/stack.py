@@ -49,7 +49,7 @@ class Stack:
 
     def start_worker(self, name: str) -> None:
         port = free_port()
-        argv = ["-m", "worker", "--name", name, "--metrics-port", str(port), "--drain", "5"]
+        argv = ["-m", "worker", "--name", name, "--metrics-port", str(port), "--drain", "15"]
         self.workers[name] = (self._spawn(argv, f"{name}.log"), port)
 
     def wait_workers(self, timeout_s: float = 180) -> None:
@@ -67,6 +67,12 @@ class Stack:
         proc, _ = self.workers.pop(name)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+
+    def terminate_worker(self, name: str, timeout_s: float = 60) -> int:
+        """SIGTERM, then wait for the drain and the exit; returns the exit code."""
+        proc, _ = self.workers.pop(name)
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout_s)
 
     def metric(self, name: str, metric: str) -> float:
         port = self.workers[name][1]
@@ -99,6 +105,8 @@ def base_env(
         LORAPOOL_MAX_NUM_SEQS="8",
         LORAPOOL_NUM_PAGES="512",
         LORAPOOL_LOG_LEVEL="INFO",
+        OMP_NUM_THREADS="1",  # two workers and the tests share a small CPU
+        OMP_WAIT_POLICY="PASSIVE",
     )
     env.pop("LORAPOOL_API_TOKENS", None)
     env.pop("LORAPOOL_ADMIN_TOKENS", None)

@@ -126,11 +126,11 @@ def stub(stack: Stack) -> generation_pb2_grpc.GenerationStub:
 
 
 def chat_request(
-    adapter: str = "", max_tokens: int = 24, **kw: object
+    adapter: str = "", max_tokens: int = 24, long: bool = False, **kw: object
 ) -> generation_pb2.GenerateRequest:
-    request = generation_pb2.GenerateRequest(
-        adapter=adapter, sampling=dict(max_tokens=max_tokens), **kw
-    )  # type: ignore[arg-type]
+    """`long`: ignore end-of-sequence, so the request really runs `max_tokens` steps."""
+    sampling = dict(max_tokens=max_tokens, ignore_eos=long)
+    request = generation_pb2.GenerateRequest(adapter=adapter, sampling=sampling, **kw)  # type: ignore[arg-type]
     request.chat.messages.add(role="user", content=PROMPT)
     return request
 
@@ -166,7 +166,9 @@ def test_adapters_at_once_match_the_engine_alone(stack: Stack, reference: dict[s
 
 def test_cancel_stops_decoding_and_frees_pages(stack: Stack) -> None:
     free_before = {w: stack.metric(w, "lorapool_worker_free_pages") for w in stack.workers}
-    call = stub(stack).Generate(chat_request(max_tokens=400, request_id="cancel-me"), timeout=120)
+    call = stub(stack).Generate(
+        chat_request(max_tokens=400, long=True, request_id="cancel-me"), timeout=120
+    )
     for _ in range(3):
         next(call)
     call.cancel()
@@ -199,7 +201,9 @@ def terminal_events(
 
 
 def test_deadlines(stack: Stack) -> None:
-    text, outcome = collect(stack, chat_request(max_tokens=400, request_id="late"), timeout=1.5)
+    text, outcome = collect(
+        stack, chat_request(max_tokens=400, long=True, request_id="late"), timeout=1.5
+    )
     assert outcome == "DEADLINE_EXCEEDED"
     client = redis.Redis.from_url(stack.env["LORAPOOL_REDIS_URL"])
     events = terminal_events(client, "late")
@@ -259,7 +263,7 @@ def test_redis_restart_under_traffic(stack: Stack, redis_proc: RedisProcess) -> 
 
 
 def test_kill_9_a_worker_mid_stream(stack: Stack) -> None:
-    requests = [chat_request(max_tokens=64, request_id=f"k{i}") for i in range(4)]
+    requests = [chat_request(max_tokens=64, long=True, request_id=f"k{i}") for i in range(4)]
     before = {w: stack.metric(w, "lorapool_worker_output_tokens_total") for w in stack.workers}
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(collect, stack, r, 120) for r in requests]
@@ -282,3 +286,20 @@ def test_kill_9_a_worker_mid_stream(stack: Stack) -> None:
     while int(client.get(keys.TOTAL) or 0) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert int(client.get(keys.TOTAL) or 0) == 0
+
+
+def test_sigterm_drains_the_last_worker(stack: Stack) -> None:
+    """Runs after the kill test: one worker is left; SIGTERM lets its streams finish."""
+    [name] = list(stack.workers)
+    with ThreadPoolExecutor(3) as pool:
+        futures = [
+            pool.submit(collect, stack, chat_request(max_tokens=24, long=True), 120)
+            for _ in range(3)
+        ]
+        deadline = time.monotonic() + 30
+        while stack.metric(name, "lorapool_worker_active_jobs") < 3:  # all three claimed
+            assert time.monotonic() < deadline, "the worker never got the work"
+            time.sleep(0.02)
+        assert stack.terminate_worker(name) == 0
+        outcomes = [f.result(timeout=60)[1] for f in futures]
+    assert all(o.startswith("FINISH_REASON") for o in outcomes), outcomes
