@@ -335,3 +335,14 @@ def test_tls_and_mtls(
             list(plain.Generate(request, metadata=AUTH, timeout=5))
     finally:
         gw.stop()
+
+
+def test_reflection_lists_the_services(gateway: GatewayThread) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    services = set(
+        ProtoReflectionDescriptorDatabase(grpc.insecure_channel(gateway.target)).get_services()
+    )
+    assert {"lorapool.v1.Generation", "lorapool.v1.Admin", "grpc.health.v1.Health"} <= services
