@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from worker.lora.adapter import AdapterLoadError, LoraAdapter
+from worker.lora.stacks import AdapterStacks
 
 Loader = Callable[[str, Path], LoraAdapter]
 
@@ -24,11 +25,13 @@ class AdapterManager:
         self.sources: dict[str, Path] = {}
         self.loaded: OrderedDict[str, LoraAdapter] = OrderedDict()
         self.errors: dict[str, str] = {}
+        self.stacks = AdapterStacks(capacity)
 
     def register(self, adapter_id: str, source: Path) -> None:
         if self.sources.get(adapter_id) != source:
             self.sources[adapter_id] = source
-            self.loaded.pop(adapter_id, None)
+            if adapter_id in self.loaded:
+                self.stacks.remove(self.loaded.pop(adapter_id))
             self.errors.pop(adapter_id, None)
 
     def knows(self, adapter_id: str) -> bool:
@@ -47,6 +50,7 @@ class AdapterManager:
             self.errors[adapter_id] = str(exc)
             raise
         self._evict(pinned)
+        self.stacks.place(adapter)
         self.loaded[adapter_id] = adapter
         return adapter
 
@@ -58,4 +62,4 @@ class AdapterManager:
             if len(self.loaded) < self.capacity:
                 return
             if adapter_id not in pinned:
-                del self.loaded[adapter_id]
+                self.stacks.remove(self.loaded.pop(adapter_id))

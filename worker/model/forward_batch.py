@@ -8,7 +8,7 @@ from typing import Protocol
 
 import torch
 
-from worker.kernels.lora_ref import ExpandPart, Segments
+from worker.kernels.lora_ref import ExpandPart, Segments, StackedLora
 
 
 @dataclass(frozen=True)
@@ -21,12 +21,14 @@ class AttentionGroup:
     mask: torch.Tensor  # [B, 1, Lq, Lk] bool: causal and padding mask
 
 
-@dataclass(frozen=True)
+@dataclass
 class FusedLora:
     """One adapter on one fused projection group of one layer (scales folded into B)."""
 
     a: torch.Tensor  # [Σ r_m, in]: the A of each targeted projection, stacked
     parts: tuple[ExpandPart, ...]  # one per targeted projection
+    stack: StackedLora | None = None  # the stack whose slot holds these weights, if any
+    slot: int = -1
 
 
 class LoraWeights(Protocol):

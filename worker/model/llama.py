@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 from worker.kernels import lora_ref
 from worker.kernels.attention_ref import paged_attention, write_kv
+from worker.kernels.lora_ref import StackedLora
 from worker.model.config import ModelConfig
-from worker.model.forward_batch import AttentionGroup, ForwardBatch, LoraBatch
+from worker.model.forward_batch import AttentionGroup, ForwardBatch, FusedLora, LoraBatch
 
 
 @dataclass
@@ -149,9 +150,40 @@ class LlamaModel:
         if all(f is None for f in fused):
             return
         a = [None if f is None else f.a for f in fused]
+        for done in _stacked_decodes(lora, fused, x, y):
+            a[done] = None  # computed by one BGMV over its stack
         v = lora_ref.sgmv_shrink(x, lora.segments, a, [1.0] * len(fused))
         parts = [() if f is None else f.parts for f in fused]
         lora_ref.sgmv_expand(y, v, lora.segments, parts)
+
+
+def _stacked_decodes(
+    lora: LoraBatch,
+    fused: list[FusedLora | None],
+    x: torch.Tensor,  # [T, in]
+    y: torch.Tensor,  # [T, fused out], updated in place
+) -> list[int]:
+    """Run one-row segments whose adapters share a stack as one BGMV; their indices.
+
+    A stack is used when the batch fills at least half of its slots in use, so the
+    batched matmul does not read mostly idle adapters; the rest go segment by segment.
+    """
+    segs = lora.segments
+    groups: dict[int, tuple[StackedLora, list[int], list[int], list[int]]] = {}
+    for index, f in enumerate(fused):
+        if f is None or f.stack is None or segs.ends[index] - segs.starts[index] != 1:
+            continue
+        stack, rows, slots, members = groups.setdefault(id(f.stack), (f.stack, [], [], []))
+        if f.slot not in slots:
+            rows.append(segs.starts[index])
+            slots.append(f.slot)
+            members.append(index)
+    done: list[int] = []
+    for stack, rows, slots, members in groups.values():
+        if 2 * len(slots) >= stack.high_water:
+            lora_ref.bgmv_stacked(x, y, torch.tensor(rows), torch.tensor(slots), stack)
+            done += members
+    return done
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
