@@ -52,38 +52,26 @@ def _pickle_as_safetensors(tmp: Path, base: Path) -> Path:
     return out
 
 
-def _wrong_shape(tmp: Path, base: Path) -> Path:
-    out = tmp / "shape"
+def _one_module(out: Path, module: str, a_shape: tuple[int, int], b_shape: tuple[int, int]) -> Path:
+    """A hand-written adapter with one LoRA pair on layer 0's `module`."""
     out.mkdir()
-    (out / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8})
-    )
-    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
-    save_file(
-        {
-            f"{prefix}.lora_A.weight": torch.ones(4, 100),
-            f"{prefix}.lora_B.weight": torch.ones(64, 4),
-        },
-        str(out / "adapter_model.safetensors"),
-    )
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    prefix = f"base_model.model.model.layers.0.self_attn.{module}"
+    tensors = {
+        f"{prefix}.lora_A.weight": torch.ones(a_shape),
+        f"{prefix}.lora_B.weight": torch.ones(b_shape),
+    }
+    save_file(tensors, str(out / "adapter_model.safetensors"))
     return out
+
+
+def _wrong_shape(tmp: Path, base: Path) -> Path:
+    return _one_module(tmp / "shape", "q_proj", (4, 100), (64, 4))
 
 
 def _unknown_module(tmp: Path, base: Path) -> Path:
-    out = tmp / "unknown"
-    out.mkdir()
-    (out / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8})
-    )
-    prefix = "base_model.model.model.layers.0.self_attn.rotary_proj"
-    save_file(
-        {
-            f"{prefix}.lora_A.weight": torch.ones(4, 64),
-            f"{prefix}.lora_B.weight": torch.ones(64, 4),
-        },
-        str(out / "adapter_model.safetensors"),
-    )
-    return out
+    return _one_module(tmp / "unknown", "rotary_proj", (4, 64), (64, 4))
 
 
 CASES: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
