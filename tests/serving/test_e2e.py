@@ -262,12 +262,25 @@ def test_redis_restart_under_traffic(stack: Stack, redis_proc: RedisProcess) -> 
     assert outcome.startswith("FINISH_REASON") and text
 
 
+def wait_until_serving(stack: Stack, seconds: float = 30) -> None:
+    """Block until a request completes (e.g. after the Redis restart test)."""
+    deadline = time.monotonic() + seconds
+    outcome = ""
+    while time.monotonic() < deadline:
+        _, outcome = collect(stack, chat_request(max_tokens=2), timeout=20)
+        if outcome.startswith("FINISH_REASON"):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the stack does not serve: last outcome {outcome}")
+
+
 def test_kill_9_a_worker_mid_stream(stack: Stack) -> None:
+    wait_until_serving(stack)
     requests = [chat_request(max_tokens=64, long=True, request_id=f"k{i}") for i in range(4)]
     before = {w: stack.metric(w, "lorapool_worker_output_tokens_total") for w in stack.workers}
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(collect, stack, r, 120) for r in requests]
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while True:  # kill a worker that is streaming
             busy = [
                 w
@@ -276,7 +289,9 @@ def test_kill_9_a_worker_mid_stream(stack: Stack) -> None:
             ]
             if busy:
                 break
-            assert time.monotonic() < deadline, "no worker got work"
+            if time.monotonic() > deadline or all(f.done() for f in futures):
+                done = [f.result()[1] for f in futures if f.done()]
+                raise AssertionError(f"no worker got work; finished outcomes: {done}")
             time.sleep(0.05)
         stack.kill_worker(busy[0])
         outcomes = [f.result(timeout=120)[1] for f in futures]
