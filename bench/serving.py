@@ -73,11 +73,13 @@ def through_gateway(target: str, n: int, concurrency: int, max_tokens: int) -> d
 
 def engine_direct(n: int, max_tokens: int, max_num_seqs: int) -> float:
     """Output tokens/s of the engine alone on the same workload."""
-    from worker.config import EngineConfig
+    from worker.config import EngineConfig, default_cache_dir
     from worker.engine import Engine
     from worker.sequence import SamplingParams
 
-    engine = Engine.from_config(EngineConfig(num_pages=1024, max_num_seqs=max_num_seqs))
+    engine = Engine.from_config(
+        EngineConfig(cache_dir=default_cache_dir(), num_pages=1024, max_num_seqs=max_num_seqs)
+    )
     sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     t0 = time.perf_counter()
     events = engine.generate([PROMPTS[i % len(PROMPTS)] for i in range(n)], sampling)

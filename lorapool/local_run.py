@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from worker.config import EngineConfig
+from worker.config import EngineConfig, default_cache_dir
 from worker.engine import Engine
 from worker.model.source import DEFAULT_MODEL
 from worker.sequence import FinishReason, SamplingParams
@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             stop=tuple(args.stop),
         )
-        engine = Engine.from_config(EngineConfig(model=args.model))
+        config = EngineConfig(model=args.model, cache_dir=default_cache_dir())
+        engine = Engine.from_config(config)
         adapter_id = None
         if args.adapter:
             adapter_id = "local"

@@ -21,7 +21,8 @@ class EngineConfig:
     """What the engine needs; every field validated in __post_init__."""
 
     model: str = DEFAULT_MODEL  # packaged name, local HF dir, .gguf file, or hub id
-    cache_dir: Path = field(default_factory=default_cache_dir)
+    # Entry points pass default_cache_dir() (which honours LORAPOOL_CACHE_DIR).
+    cache_dir: Path = field(default_factory=lambda: Path(user_cache_dir("lorapool")))
     device: str = "cpu"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     page_size: int = 16  # tokens per KV page

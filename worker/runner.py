@@ -44,7 +44,7 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         row_slots: list[int] = []  # adapter index per token row (-1: none)
-        adapters: dict[str | None, int] = {}
+        adapters: dict[str, int] = {}
         logits_index: list[int] = []
         for item in batch:
             seq, start = item.seq, item.seq.num_computed
@@ -60,7 +60,7 @@ class ModelRunner:
         tables = [item.seq.block_table for item in batch]
         lora = None
         if adapters:
-            by_slot = [adapter_of(a) for a in adapters if a is not None]
+            by_slot = [adapter_of(a) for a in adapters]
             segments = Segments.from_rows(row_slots)
             lora = LoraBatch(segments, [None if s < 0 else by_slot[s] for s in segments.slots])
         return ForwardBatch(

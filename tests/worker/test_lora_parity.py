@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +62,12 @@ def peft_model(smollm2_dir: Path, adapter_dirs: dict[str, Path]) -> Any:
 def peft_greedy(
     model: Any, adapter: str | None, ids: list[int], new_tokens: int = NEW_TOKENS
 ) -> list[int]:
-    with torch.no_grad():
-        if adapter is None:
-            with model.disable_adapter():
-                out = model.generate(
-                    torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False
-                )
-        else:
-            model.set_adapter(adapter)
-            out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)
+    """PEFT greedy decoding with `adapter` alone (None: adapters disabled)."""
+    if adapter is not None:
+        model.set_adapter(adapter)
+    alone = model.disable_adapter() if adapter is None else contextlib.nullcontext()
+    with torch.no_grad(), alone:
+        out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)
     return out[0, len(ids) :].tolist()
 
 

@@ -69,6 +69,7 @@ def load_adapter(
 
 def _locate(source: Path) -> tuple[Path, dict[str, Any]]:
     if source.is_file():
+        _sniff(source)
         return source, _blob_config(source)
     if not source.is_dir():
         raise AdapterLoadError(f"adapter path {source} does not exist")
@@ -89,11 +90,11 @@ def _locate(source: Path) -> tuple[Path, dict[str, Any]]:
         raise AdapterLoadError(f"adapter_config.json is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise AdapterLoadError("adapter_config.json must hold a JSON object")
+    _sniff(weights)
     return weights, config
 
 
 def _blob_config(path: Path) -> dict[str, Any]:
-    _sniff(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -116,7 +117,6 @@ def _sniff(path: Path) -> None:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    _sniff(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
