@@ -39,7 +39,19 @@ serve: setup
 
 bench: setup
 	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/scaling.py
 	$(BIN)/python bench/serving.py
+
+# The docker-compose stack built and run for real (needs Docker and minutes; not in `make test`).
+.PHONY: compose-test
+compose-test: setup
+	$(BIN)/python scripts/compose_test.py $(COMPOSE_TEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# On a GPU host with only torch, triton, transformers and safetensors (no venv, no set-up):
+# GPU tests, kernel benchmark, engine on SmolLM2 bf16. See bench/gpu_check.py.
+.PHONY: gpu-check
+gpu-check:
+	$(PY) -m bench.gpu_check $(GPU_CHECK_ARGS)

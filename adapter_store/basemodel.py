@@ -9,8 +9,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from adapter_store.quantconfig import QuantizationConfigError, parse_quantization_config
+
 # Llama-family model types that share the q/k/v/o + gate/up/down layout.
-LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# The model types the worker serves (worker.model.config.SUPPORTED_MODEL_TYPES must
+# equal this set; a test checks). Qwen3 (q/k norms) is not served yet.
+LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2"})
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -35,6 +39,9 @@ class BaseModelSpec:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
+    # How the base's linear weights are stored: None (full precision), nf4, fp4, int8, or
+    # another library's method (a pre-quantized checkpoint's config.json says which).
+    quantization: str | None = None
 
     @classmethod
     def from_config_dict(cls, config: Mapping[str, Any]) -> BaseModelSpec:
@@ -42,6 +49,12 @@ class BaseModelSpec:
         model_type = config.get("model_type")
         if model_type not in LLAMA_FAMILY:
             raise BaseModelError(f"unsupported base model type {model_type!r}")
+        try:
+            quantization = parse_quantization_config(
+                config.get("quantization_config"), "base model config"
+            )
+        except QuantizationConfigError as exc:
+            raise BaseModelError(str(exc)) from exc
         try:
             heads = int(config["num_attention_heads"])
             hidden = int(config["hidden_size"])
@@ -54,6 +67,7 @@ class BaseModelSpec:
                 num_kv_heads=int(config.get("num_key_value_heads") or heads),
                 head_dim=int(config.get("head_dim") or hidden // heads),
                 vocab_size=int(config["vocab_size"]),
+                quantization=None if quantization is None else quantization.method,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BaseModelError(f"base model config lacks a usable field: {exc}") from exc
@@ -91,6 +105,9 @@ class BaseModelSpec:
 
     @property
     def fingerprint(self) -> str:
-        """A stable short sha256 of the architecture and every shape that matters."""
-        canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        """A stable short sha256 of the architecture, every shape that matters, and the
+        quantization of a quantized base (left out when None, so a full-precision base keeps
+        the fingerprint recorded before quantization existed)."""
+        fields = {k: v for k, v in asdict(self).items() if k != "quantization" or v is not None}
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

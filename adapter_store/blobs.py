@@ -9,52 +9,40 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from adapter_store.blobkeys import (
+    CHUNK,
+    DIGEST_RE,
+    BlobSource,
+    blob_key,
+    check_digest,
+    is_digest,
+    sha256_file,
+)
 from adapter_store.errors import BlobCorrupt, BlobNotFound, InvalidDigest
 
 if TYPE_CHECKING:
     from adapter_store.settings import StoreSettings
 
 __all__ = [
+    "CHUNK",
+    "DIGEST_RE",
     "BlobCorrupt",
     "BlobNotFound",
+    "BlobSource",
     "BlobStore",
     "InvalidDigest",
     "LocalBlobStore",
+    "blob_key",
     "check_digest",
     "open_blob_store",
     "sha256_file",
 ]
-
-CHUNK = 1024 * 1024
-DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
-BlobSource = bytes | Path
-
-
-def check_digest(digest: str) -> str:
-    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
-        raise InvalidDigest(f"not a sha256 hex digest: {digest!r}")
-    return digest
-
-
-def sha256_file(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(CHUNK):
-            hasher.update(chunk)
-    return hasher.hexdigest()
-
-
-def blob_key(digest: str) -> str:
-    """The relative location of a blob: sha256/ab/cdef… ."""
-    check_digest(digest)
-    return f"sha256/{digest[:2]}/{digest[2:]}"
 
 
 @runtime_checkable
@@ -151,7 +139,7 @@ class LocalBlobStore:
         for prefix in sorted(base.iterdir()):
             for blob in sorted(prefix.iterdir()):
                 digest = prefix.name + blob.name
-                if DIGEST_RE.match(digest):
+                if is_digest(digest):
                     yield digest
 
     def age(self, digest: str) -> float:

@@ -85,6 +85,9 @@ class Adapter(Base):
     )
     base_fingerprint: Mapped[str] = mapped_column(String(64))
     base_architecture: Mapped[str] = mapped_column(String(64))
+    # The base quantization the adapter was trained on (nf4, fp4, int8, ...) when its
+    # adapter_config.json records one; NULL: not recorded (migration 0002).
+    base_quantization: Mapped[str | None] = mapped_column(String(16), nullable=True)
     adapter_type: Mapped[str] = mapped_column(String(16))
     rank: Mapped[int] = mapped_column(Integer)
     max_module_rank: Mapped[int] = mapped_column(Integer)
@@ -123,6 +126,7 @@ class Adapter(Base):
             "size_bytes": self.size_bytes,
             "base_fingerprint": self.base_fingerprint,
             "base_architecture": self.base_architecture,
+            "base_quantization": self.base_quantization,
             "description": self.description,
             "created_at": self.created_at.isoformat() if self.created_at else None,
             "deleted_at": self.deleted_at.isoformat() if self.deleted_at else None,

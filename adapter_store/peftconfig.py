@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -14,6 +15,11 @@ from adapter_store.errors import (
     RankTooLargeError,
     UnknownTargetModuleError,
     UnsupportedFeatureError,
+)
+from adapter_store.quantconfig import (
+    BaseQuantization,
+    QuantizationConfigError,
+    parse_quantization_config,
 )
 
 SUPPORTED_TYPES = ("LORA", "VERA")
@@ -68,6 +74,9 @@ class AdapterConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     base_model_name_or_path: str | None = None
+    # The base quantization it was trained on, when adapter_config.json's
+    # `quantization_config` says (e.g. QLoRA's NF4); None: not recorded.
+    base_quantization: BaseQuantization | None = None
 
     def rank_for(self, module_path: str) -> int:
         """The rank PEFT gives `module_path` (e.g. model.layers.3.self_attn.q_proj)."""
@@ -77,6 +86,16 @@ class AdapterConfig:
         return self.alpha_pattern.get(
             _pattern_key(self.alpha_pattern, module_path), self.lora_alpha
         )
+
+    def scale_for(self, module_path: str) -> float:
+        """PEFT's scale s of `module_path` in y += s·(x A)B: alpha/r, or alpha/√r with rsLoRA.
+
+        The one place the LoRA scale is computed (serving and merging both call it).
+        Pattern keys are tried in the config's own order, first match wins, as in PEFT.
+        """
+        rank = self.rank_for(module_path)
+        alpha = self.alpha_for(module_path)
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
 
 def _pattern_key(patterns: Mapping[str, Any], module_path: str) -> str:
@@ -118,6 +137,7 @@ def parse_adapter_config(text: str, base: BaseModelSpec, max_rank: int) -> Adapt
         rank_pattern=_pattern(raw.get("rank_pattern"), "rank_pattern", _positive_int),
         alpha_pattern=_pattern(raw.get("alpha_pattern"), "alpha_pattern", _number),
         base_model_name_or_path=_optional_str(raw.get("base_model_name_or_path")),
+        base_quantization=_base_quantization(raw.get("quantization_config")),
     )
     _check_ranks(config, max_rank)
     return config
@@ -147,6 +167,13 @@ def _bool(value: Any, what: str) -> bool:
 
 def _optional_str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _base_quantization(value: Any) -> BaseQuantization | None:
+    try:
+        return parse_quantization_config(value, "adapter_config.json")
+    except QuantizationConfigError as exc:
+        raise AdapterConfigError(str(exc)) from exc
 
 
 def _pattern(value: Any, what: str, check: Callable[[Any, str], Any]) -> dict[str, Any]:

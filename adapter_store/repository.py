@@ -28,8 +28,9 @@ __all__ = [
     "validate_name",
 ]
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
+# Full matches only (`\A…\Z`, checked with fullmatch): `$` would let a trailing newline pass.
+NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+VERSION_RE = re.compile(r"\A[1-9][0-9]{0,8}\Z")
 # Dialect name → its INSERT construct that supports ON CONFLICT DO NOTHING.
 UPSERT_INSERTS: dict[str, Callable[..., Any]] = {
     "postgresql": postgresql.insert,
@@ -39,7 +40,7 @@ UPSERT_INSERTS: dict[str, Callable[..., Any]] = {
 
 def validate_name(name: str) -> str:
     """Return `name` if it is a valid adapter name, else raise InvalidAdapterRef."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidAdapterRef(
             f"invalid adapter name {name!r}: use 1-128 of A-Z a-z 0-9 . _ - "
             "starting with a letter or digit"
@@ -55,7 +56,7 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     validate_name(name)
     if not sep:
         return name, None
-    if not VERSION_RE.match(version):
+    if not VERSION_RE.fullmatch(version):
         raise InvalidAdapterRef(f"invalid adapter version in {ref!r}: a positive integer")
     return name, int(version)
 

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import boto3
 from botocore.exceptions import ClientError
 
-from adapter_store.blobs import CHUNK, DIGEST_RE, BlobSource, blob_key, sha256_file
+from adapter_store.blobkeys import CHUNK, BlobSource, blob_key, is_digest, sha256_file
 from adapter_store.errors import BlobCorrupt, BlobNotFound
 from adapter_store.settings import SettingsError, StoreSettings
 
@@ -124,7 +124,7 @@ class S3BlobStore:
         for page in paginator.paginate(Bucket=self.bucket, Prefix=root):
             for item in page.get("Contents", []):
                 digest = item["Key"][len(root) :].replace("/", "")
-                if DIGEST_RE.match(digest):
+                if is_digest(digest):
                     yield digest
 
     def age(self, digest: str) -> float:

@@ -8,14 +8,30 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import platformdirs
-
 DEFAULT_MAX_RANK = 128
 BASE_MODEL_SUBDIR = Path("models") / "smollm2-135m-instruct"
 
 
 class SettingsError(ValueError):
     """A setting has a value the store cannot use."""
+
+
+def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The data directory of every entry point (serve, gateway, worker, admin, run).
+
+    `LORAPOOL_DATA_DIR`, else the per-user data directory (`~/.local/share/lorapool` on
+    Linux): the SQLite index, the local blobs and `lorapool serve`'s private Redis live here.
+    This is the only place the default is decided; entry points call it, nothing below them.
+    """
+    env = os.environ if environ is None else environ
+    return Path(env.get("LORAPOOL_DATA_DIR") or _user_dir("data", ".local/share"))
+
+
+def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """`LORAPOOL_CACHE_DIR`, else the per-user cache directory (`~/.cache/lorapool` on Linux):
+    the base model's safetensors cache and the workers' adapter blob cache."""
+    env = os.environ if environ is None else environ
+    return Path(env.get("LORAPOOL_CACHE_DIR") or _user_dir("cache", ".cache"))
 
 
 @dataclass(frozen=True)
@@ -44,6 +60,21 @@ class StoreSettings:
         if self.blob_url is not None and not self.blob_url.startswith("s3://"):
             raise SettingsError(f"blob URL must start with s3://, got {self.blob_url!r}")
 
+    def missing_sqlite_file(self) -> Path | None:
+        """The SQLite file `database_url` names when it does not exist yet, else None.
+
+        Callers that only read check it first, so a mistyped data dir gives a clear error
+        instead of creating an empty registry there.
+        """
+        scheme, sep, rest = self.database_url.partition(":///")
+        if not sep or scheme.split("+")[0] != "sqlite":
+            return None
+        database = rest.split("?", 1)[0]  # sqlite:///relative or sqlite:////absolute
+        if database in ("", ":memory:"):
+            return None
+        path = Path(database)
+        return None if path.exists() else path
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> StoreSettings:
         """Build settings from `LORAPOOL_*` variables; keyword overrides (flags) win.
@@ -55,12 +86,8 @@ class StoreSettings:
         unknown = set(given) - {f.name for f in fields(cls)}
         if unknown:
             raise SettingsError(f"unknown settings: {sorted(unknown)}")
-        data_dir = Path(
-            given.get("data_dir")
-            or env.get("LORAPOOL_DATA_DIR")
-            or platformdirs.user_data_dir("lorapool")
-        )
-        cache_dir = Path(env.get("LORAPOOL_CACHE_DIR") or platformdirs.user_cache_dir("lorapool"))
+        data_dir = Path(given.get("data_dir") or default_data_dir(env))
+        cache_dir = default_cache_dir(env)
         rank_text = env.get("LORAPOOL_MAX_RANK", str(DEFAULT_MAX_RANK))
         try:
             max_rank = int(rank_text)
@@ -92,3 +119,13 @@ class StoreSettings:
             k: Path(v) if k.endswith("_dir") else v for k, v in given.items()
         }
         return replace(settings, **converted)
+
+
+def _user_dir(kind: str, xdg_default: str) -> Path:
+    """platformdirs' per-user directory; without platformdirs (a bare GPU host), XDG's."""
+    try:
+        import platformdirs
+    except ImportError:
+        xdg = os.environ.get(f"XDG_{kind.upper()}_HOME")
+        return Path(xdg or Path.home() / xdg_default) / "lorapool"
+    return Path(getattr(platformdirs, f"user_{kind}_dir")("lorapool"))

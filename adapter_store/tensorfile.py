@@ -10,7 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from adapter_store.errors import CorruptSafetensorsError
+from adapter_store.errors import (
+    CorruptSafetensorsError,
+    GitLfsPointerError,
+    PickleWeightsError,
+)
 
 # Every dtype the safetensors format defines, with its size in bytes.
 DTYPE_SIZES = {
@@ -32,6 +36,9 @@ DTYPE_SIZES = {
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 HEADER_ALIGNMENT = 8
+SNIFF_BYTES = 64  # enough to tell safetensors, pickle, a torch zip and a git-LFS pointer apart
+LFS_SIGNATURE = b"version https://git-lfs.github.com/spec/"
+PK_ZIP = b"PK\x03\x04"  # torch.save's zip container
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,33 @@ class Header:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
     data_start: int
+
+
+def sniff(head: bytes, file_size: int, name: str) -> None:
+    """Refuse pickle and git-LFS pointers by their first bytes, never a valid safetensors file.
+
+    A safetensors file opens with its header length N (8 bytes, little-endian) followed
+    by the header's JSON object, so byte 8 is `{` and N fits in the file: such a file
+    passes whatever its first byte (N ≡ 128 mod 256 makes it 0x80, pickle's PROTO
+    opcode). Otherwise we name what it looks like — a git-LFS pointer, pickle (0x80 then
+    protocol 2-5) or torch.save's zip container — and leave any other damage to
+    read_header, whose messages are more precise.
+    """
+    if len(head) >= 9:
+        (length,) = struct.unpack("<Q", head[:8])
+        if 2 <= length <= file_size - 8 and head[8:9] == b"{":
+            return
+    if head.startswith(LFS_SIGNATURE):
+        raise GitLfsPointerError(f"{name} is a git-LFS pointer, not weights: run `git lfs pull`")
+    if (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or head.startswith(PK_ZIP):
+        raise PickleWeightsError(f"{name} holds pickle bytes, not safetensors; refused")
+
+
+def sniff_file(path: Path) -> None:
+    """sniff() on the first bytes of a file."""
+    with path.open("rb") as file:
+        head = file.read(SNIFF_BYTES)
+    sniff(head, path.stat().st_size, path.name)
 
 
 def read_header(file: BinaryIO, file_size: int) -> Header:

@@ -74,12 +74,14 @@ def register(
     if existing is not None:
         return existing
     config = validated.config
+    trained_on = validated.parsed.base_quantization
     adapter = Adapter(
         name=name,
         version=repository.next_version(session, name),
         status=AdapterStatus.READY,
         base_fingerprint=base.fingerprint,
         base_architecture=base.architecture,
+        base_quantization=None if trained_on is None else trained_on.method,
         adapter_type=validated.adapter_type,
         rank=config["r"],
         max_module_rank=max(validated.module_ranks.values()),

@@ -1,17 +1,20 @@
-"""Upload validation: an adapter directory in, a normalized LoRA adapter out (or a named refusal).
+"""The one adapter parser: a PEFT directory or a registry blob in, a normalized LoRA adapter out.
 
-Order: file sniffing (pickle, git-LFS) → adapter_config.json → safetensors
-header (dtypes, names, shapes) → tensor data (finite values) → VeRA conversion.
-Every problem the header already proves is refused before tensor data is read.
-Nothing here unpickles anything.
+Upload (the registry) and serving (the worker) both read adapters here, so an adapter
+means the same thing at upload and at serve time. Order: file sniffing (pickle,
+git-LFS, safetensors header start) → adapter_config.json (or the blob's normalized
+config) → safetensors header (dtypes, names, shapes) → tensor data (finite values) →
+VeRA conversion. Every problem the header already proves is refused before tensor
+data is read. Nothing here unpickles anything, and nothing imports torch.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -19,7 +22,6 @@ from adapter_store import weightnames
 from adapter_store.basemodel import PARENT, BaseModelSpec
 from adapter_store.errors import (
     AdapterConfigError,
-    GitLfsPointerError,
     MissingAdapterFile,
     NonFiniteWeightsError,
     PickleWeightsError,
@@ -27,14 +29,21 @@ from adapter_store.errors import (
     UnsupportedFeatureError,
 )
 from adapter_store.peftconfig import AdapterConfig, module_path, parse_adapter_config
-from adapter_store.tensorfile import Header, TensorData, encode, read_header, read_tensor
+from adapter_store.quantconfig import mismatch
+from adapter_store.tensorfile import (
+    Header,
+    TensorData,
+    encode,
+    read_header,
+    read_tensor,
+    sniff_file,
+)
 from adapter_store.vera import vera_to_lora
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 CONFIG_METADATA_KEY = "lorapool.adapter_config"
-LFS_SIGNATURE = b"version https://git-lfs.github.com/spec/"
 DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 # Bits of the exponent field per dtype: all ones means inf or NaN.
 EXPONENT_MASKS: dict[str, tuple[str, int]] = {
@@ -42,6 +51,8 @@ EXPONENT_MASKS: dict[str, tuple[str, int]] = {
     "BF16": ("<u2", 0x7F80),
     "F32": ("<u4", 0x7F800000),
 }
+Pairs = dict[tuple[int, str], tuple[TensorData, TensorData]]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,14 +60,20 @@ class ValidatedAdapter:
     """An adapter that passed validation, in the blob layout the worker loads."""
 
     adapter_type: str  # "lora" or "vera" (the uploaded form; VeRA is stored as LoRA)
-    config: dict[str, Any]  # normalized PEFT LoRA config
+    config: dict[str, Any]  # normalized PEFT LoRA config (pattern keys in their given order)
+    parsed: AdapterConfig  # the same config, parsed: ranks, alphas and scales per module
+    modules: Pairs  # (layer, module) → (A [r, in], B [out, r]), PEFT's layouts
     tensors: dict[str, TensorData]  # PEFT LoRA tensor names → data
     module_ranks: dict[str, int]  # module path → rank
     dtype: str
 
     def encode(self) -> bytes:
-        """The canonical blob bytes: identical adapters give identical bytes."""
-        config_json = json.dumps(self.config, sort_keys=True, separators=(",", ":"))
+        """The canonical blob bytes: identical adapters give identical bytes.
+
+        The config keeps its key order: PEFT resolves rank_pattern and alpha_pattern by
+        the first matching key, so sorting them would change which pattern applies.
+        """
+        config_json = json.dumps(self.config, separators=(",", ":"))
         return encode(self.tensors, {CONFIG_METADATA_KEY: config_json})
 
 
@@ -66,15 +83,53 @@ def validate_adapter_dir(directory: Path, base: BaseModelSpec, max_rank: int) ->
     weights = _weights_file(directory)
     config = parse_adapter_config(_read_config(directory), base, max_rank)
     _check_added_tokens(directory)
+    return _read_weights(weights, config, base)
+
+
+def read_blob(path: Path, base: BaseModelSpec, max_rank: int) -> ValidatedAdapter:
+    """Read a registry blob (one safetensors file, normalized config in its metadata).
+
+    The same checks as an upload, against the base model of whoever reads it: a blob
+    validated for one deployment is refused by a worker serving a different base.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingAdapterFile(f"adapter blob {path} does not exist")
+    sniff_file(path)
+    with path.open("rb") as file:
+        header = read_header(file, path.stat().st_size)
+    text = header.metadata.get(CONFIG_METADATA_KEY)
+    if text is None:
+        raise AdapterConfigError(f"{path.name} carries no {CONFIG_METADATA_KEY} metadata")
+    return _read_weights(path, parse_adapter_config(text, base, max_rank), base)
+
+
+def read_adapter(source: Path, base: BaseModelSpec, max_rank: int) -> ValidatedAdapter:
+    """A PEFT directory or a registry blob file, whichever `source` is, read to be served
+    on `base`: warns (and serves) when the adapter records training on another quantization."""
+    source = Path(source)
+    read = read_blob if source.is_file() else validate_adapter_dir
+    validated = read(source, base, max_rank)
+    problem = mismatch(validated.parsed.base_quantization, base.quantization)
+    if problem is not None:
+        log.warning("adapter %s was %s: its outputs may drift", source.name, problem)
+    return validated
+
+
+def _read_weights(weights: Path, config: AdapterConfig, base: BaseModelSpec) -> ValidatedAdapter:
     with weights.open("rb") as file:
         header = read_header(file, weights.stat().st_size)
         _check_dtypes(header)
         layout = weightnames.check_layout(header, config, base)
-        tensors = {name: read_tensor(file, header, info) for name, info in header.tensors.items()}
+        tensors = {name: _read(file, header, name) for name in header.tensors}
     for name, tensor in tensors.items():
         _check_finite(name, tensor)
     pairs = _lora_pairs(layout, tensors, base)
     return _normalized(config, pairs)
+
+
+def _read(file: BinaryIO, header: Header, name: str) -> TensorData:
+    return read_tensor(file, header, header.tensors[name])
 
 
 def _weights_file(directory: Path) -> Path:
@@ -90,23 +145,8 @@ def _weights_file(directory: Path) -> Path:
                 f"pickle weights refused ({', '.join(pickled)}): upload {WEIGHTS_FILE} instead"
             )
         raise MissingAdapterFile(f"{directory} has no {WEIGHTS_FILE}")
-    with weights.open("rb") as file:
-        head = file.read(64)
-    if head.startswith(LFS_SIGNATURE):
-        raise GitLfsPointerError(
-            f"{WEIGHTS_FILE} is a git-LFS pointer, not weights: run `git lfs pull` first"
-        )
-    if _looks_pickled(head):
-        raise PickleWeightsError(f"{WEIGHTS_FILE} holds pickle bytes, not safetensors; refused")
+    sniff_file(weights)
     return weights
-
-
-def _looks_pickled(head: bytes) -> bool:
-    # Pickle protocol 2+ opens with PROTO (0x80) and the protocol number;
-    # torch.save's zip container opens with a zip local-file header.
-    return (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or head.startswith(
-        b"PK\x03\x04"
-    )
 
 
 def _read_config(directory: Path) -> str:
@@ -148,7 +188,7 @@ def _check_finite(name: str, tensor: TensorData) -> None:
 
 def _lora_pairs(
     layout: weightnames.Layout, tensors: dict[str, TensorData], base: BaseModelSpec
-) -> dict[tuple[int, str], tuple[TensorData, TensorData]]:
+) -> Pairs:
     """(layer, module) → (A [r, in], B [out, r]) for LoRA, converting VeRA exactly."""
     if layout.vera_shared is None:
         return {key: (tensors[a], tensors[b]) for key, (a, b) in layout.modules.items()}
@@ -157,9 +197,7 @@ def _lora_pairs(
     return vera_to_lora(tensors[shared_a], tensors[shared_b], modules, base)
 
 
-def _normalized(
-    config: AdapterConfig, pairs: dict[tuple[int, str], tuple[TensorData, TensorData]]
-) -> ValidatedAdapter:
+def _normalized(config: AdapterConfig, pairs: Pairs) -> ValidatedAdapter:
     tensors: dict[str, TensorData] = {}
     ranks: dict[str, int] = {}
     for (layer, module), (lora_a, lora_b) in sorted(pairs.items()):
@@ -168,20 +206,37 @@ def _normalized(
         tensors[f"{prefix}.lora_B.weight"] = lora_b
         ranks[module_path(layer, module)] = lora_a.shape[0]
     is_vera = config.peft_type == "VERA"
+    # VeRA is stored as exact LoRA whose scale is 1 everywhere: alpha = r, no patterns.
+    parsed = (
+        AdapterConfig(
+            "LORA",
+            config.r,
+            float(config.r),
+            False,
+            config.target_modules,
+            base_quantization=config.base_quantization,
+        )
+        if is_vera
+        else config
+    )
     normalized = {
         "peft_type": "LORA",
-        "r": config.r,
-        "lora_alpha": config.lora_alpha,
-        "use_rslora": config.use_rslora,
-        "rank_pattern": config.rank_pattern,
-        "alpha_pattern": config.alpha_pattern,
+        "r": parsed.r,
+        "lora_alpha": parsed.lora_alpha,
+        "use_rslora": parsed.use_rslora,
+        "rank_pattern": parsed.rank_pattern,
+        "alpha_pattern": parsed.alpha_pattern,
         "target_modules": sorted({module for _, module in pairs}),
         "base_model_name_or_path": config.base_model_name_or_path,
     }
+    if config.base_quantization is not None:  # only then: older blobs keep their bytes
+        normalized["quantization_config"] = config.base_quantization.to_config()
     dtypes = sorted({DTYPE_NAMES[t.dtype] for t in tensors.values()})
     return ValidatedAdapter(
         adapter_type="vera" if is_vera else "lora",
         config=normalized,
+        parsed=parsed,
+        modules=dict(sorted(pairs.items())),
         tensors=tensors,
         module_ranks=ranks,
         dtype=",".join(dtypes),

@@ -6,6 +6,11 @@ Cases, all measured here in the same process so their ratios are comparable:
   tok_s_lora_distinct  our engine, 32 requests over 32 adapters (ranks 8/16, 7 projections)
   tok_s_hf_base        HF transformers generate, one padded batch, base model
   tok_s_peft_mixed     PEFT generate(adapter_names=...) on the same prompts and adapters
+  tok_s_base_nf4       our engine, base model only, projections NF4 (bitsandbytes, compute fp32)
+  tok_s_lora_distinct_nf4  the same 32 adapters, unmerged, on the NF4 base
+with base_bytes_fp32 / base_bytes_nf4 (the weights on the device), lora_tax_nf4, and
+nf4_vs_fp32 (NF4 base tokens/s over fp32's: below 1 where bitsandbytes' CPU path, which
+dequantizes every weight on every step, is slower than the fp32 matmul).
 Writes bench/results/engine.json.
 """
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -29,6 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from worker.config import EngineConfig, default_cache_dir
 from worker.engine import Engine
+from worker.model.loader import weight_bytes
 from worker.model.source import DEFAULT_MODEL, resolve_model_dir
 from worker.sequence import SamplingParams
 
@@ -100,10 +107,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         peft_model = make_adapters(base_dir, Path(tmp), n)
         engine = Engine.from_config(EngineConfig(model=str(base_dir), max_num_seqs=n))
-        for i in range(n):
-            engine.register_adapter(f"a{i}", Path(tmp) / f"a{i}")
+        nf4 = Engine.from_config(EngineConfig(model=str(base_dir), max_num_seqs=n, quantize="nf4"))
         names = [f"a{i}" for i in range(n)]
-        run_ours(engine, chats[:2], names[:2], 2)  # warm-up (and loads nothing else)
+        for ours in (engine, nf4):
+            for name in names:
+                ours.register_adapter(name, Path(tmp) / name)
+            run_ours(ours, chats[:2], names[:2], 2)  # warm-up (and loads nothing else)
         tok = AutoTokenizer.from_pretrained(str(base_dir), padding_side="left")
         hf = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
         cases: dict[str, Callable[[], int]] = {
@@ -111,6 +120,8 @@ def main() -> int:
             "tok_s_lora_distinct": lambda: run_ours(engine, chats, list(names), new),
             "tok_s_hf_base": lambda: run_hf(hf, tok, chats, new),
             "tok_s_peft_mixed": lambda: run_hf(peft_model, tok, chats, new, adapter_names=names),
+            "tok_s_base_nf4": lambda: run_ours(nf4, chats, [None] * n, new),
+            "tok_s_lora_distinct_nf4": lambda: run_ours(nf4, chats, list(names), new),
         }
         # Interleaved rounds, best of each: a shared machine's noise hits every case alike.
         runs: dict[str, list[float]] = {name: [] for name in cases}
@@ -118,9 +129,17 @@ def main() -> int:
             for name, case in cases.items():
                 runs[name].append(timed(case))
         results = {name: max(values) for name, values in runs.items()}
+        results["base_bytes_fp32"] = weight_bytes(engine.model)
+        results["base_bytes_nf4"] = weight_bytes(nf4.model)
     results["ratio_vs_peft"] = results["tok_s_lora_distinct"] / results["tok_s_peft_mixed"]
     results["lora_tax"] = results["tok_s_lora_distinct"] / results["tok_s_base"]
     results["base_vs_hf"] = results["tok_s_base"] / results["tok_s_hf_base"]
+    results["lora_tax_nf4"] = results["tok_s_lora_distinct_nf4"] / results["tok_s_base_nf4"]
+    results["nf4_vs_fp32"] = results["tok_s_base_nf4"] / results["tok_s_base"]
+    results["nf4_vs_fp32_lora"] = (
+        results["tok_s_lora_distinct_nf4"] / results["tok_s_lora_distinct"]
+    )
+    results["bytes_nf4_vs_fp32"] = results["base_bytes_nf4"] / results["base_bytes_fp32"]
     report = {
         "workload": {
             "requests": n,
@@ -149,6 +168,7 @@ def _env(threads: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": threads,
         "cpu": platform.processor() or platform.machine(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 
 

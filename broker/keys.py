@@ -8,7 +8,8 @@ Keys (every per-request key expires):
     lp:hb:{worker}     heartbeat of a live worker (expires)
     lp:workers         set of workers that have heartbeated (a dead one is removed once reclaimed)
     lp:dead            dead-letter stream (capped)
-    lp:m:{request_id}  hash per request: attempt, sent (tokens published), done, cancel
+    lp:m:{request_id}  hash per request: attempt, sent (tokens published), done, cancel,
+                       seen (Redis TIME in ms when a gateway last read the result stream)
     lp:r:{request_id}  stream of result events per request
 """
 
@@ -68,13 +69,14 @@ class Limits:
     result_ttl_s: int = 120  # how long result and meta keys outlive the deadline
     heartbeat_ttl_s: float = 3.0  # a worker whose heartbeat is older is dead
     dead_letter_maxlen: int = 10_000
+    abandon_after_s: float = 10.0  # a request whose reader was not seen this long is abandoned
 
     def __post_init__(self) -> None:
         for name in ("max_depth_per_adapter", "max_depth_total", "max_deliveries"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.heartbeat_ttl_s <= 0 or self.result_ttl_s <= 0:
-            raise ValueError("heartbeat_ttl_s and result_ttl_s must be positive")
+        if min(self.heartbeat_ttl_s, self.result_ttl_s, self.abandon_after_s) <= 0:
+            raise ValueError("heartbeat_ttl_s, result_ttl_s and abandon_after_s must be positive")
 
 
 def encode_job(job: queue_pb2.Job) -> bytes:
@@ -110,6 +112,22 @@ def decode_sampling(request: generation_pb2.GenerateRequest) -> dict[str, Any]:
         ignore_eos=s.ignore_eos,
         **present,
     )
+
+
+# SpeculativeOptions.Method → the worker's method name (None: the server's default).
+SPECULATIVE_METHODS: dict[int, str | None] = {
+    generation_pb2.SpeculativeOptions.METHOD_UNSPECIFIED: None,
+    generation_pb2.SpeculativeOptions.METHOD_NONE: "none",
+    generation_pb2.SpeculativeOptions.METHOD_NGRAM: "ngram",
+    generation_pb2.SpeculativeOptions.METHOD_DRAFT_MODEL: "draft",
+}
+
+
+def decode_speculative(request: generation_pb2.GenerateRequest) -> dict[str, Any]:
+    """Speculative options as keyword arguments: method (None: the server's default) and
+    num_tokens (0: the server's default γ)."""
+    spec = request.speculative
+    return dict(method=SPECULATIVE_METHODS[spec.method], num_tokens=spec.num_speculative_tokens)
 
 
 def encode_event(event: queue_pb2.Event) -> bytes:

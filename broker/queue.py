@@ -15,12 +15,13 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from google.protobuf.message import DecodeError
 
 from broker import keys
 from protos.lorapool.v1 import queue_pb2
 
 # KEYS: queue, ready, streams, total, meta. ARGV: payload, adapter, max per adapter,
-# max total, meta ttl ms. Returns {status, entry id}: 0 ok, -1 adapter full, -2 total full,
+# max total, meta ttl ms. The meta hash starts with `seen` = Redis time (the reader is live). Returns {status, entry id}: 0 ok, -1 adapter full, -2 total full,
 # -3 duplicate request id.
 _ENQUEUE = """
 if redis.call('EXISTS', KEYS[5]) == 1 then return {-3, ''} end
@@ -31,7 +32,9 @@ local id = redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
 redis.call('ZADD', KEYS[2], 'NX', tonumber(string.match(id, '^(%d+)')), ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[2])
 redis.call('INCR', KEYS[4])
-redis.call('HSET', KEYS[5], 'attempt', 0, 'sent', 0)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[5], 'attempt', 0, 'sent', 0, 'seen', now)
 redis.call('PEXPIRE', KEYS[5], ARGV[5])
 return {0, id}
 """
@@ -83,6 +86,14 @@ redis.call('HSET', KEYS[1], 'cancel', 1)
 return 1
 """
 
+# KEYS: workers set. ARGV: heartbeat key prefix. How many registered workers heartbeat.
+_LIVE_WORKERS = """
+local n = 0
+for _, w in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  n = n + redis.call('EXISTS', ARGV[1] .. w)
+end
+return n
+"""
 
 TAKEOVER_GUARD_MS = 500
 
@@ -109,16 +120,25 @@ class Claimed:
     deliveries: int  # how many times the job has been delivered, this one included
 
 
+# Adapters a worker prefers, best first: e.g. (on the device, in host memory, on disk).
+Affinity = set[str] | tuple[set[str], ...]
+
+
 def choose_adapter(
-    ready: list[tuple[str, float]], held: set[str], now_ms: float, max_wait_ms: float
+    ready: list[tuple[str, float]], held: Affinity, now_ms: float, max_wait_ms: float
 ) -> str | None:
-    """Pick the adapter to claim from: the oldest if it waited too long, else one we hold."""
+    """Pick the adapter to claim from: the oldest if it waited too long, else the oldest
+    ready one in the first tier of `held` that has one, else the oldest."""
     if not ready:
         return None
     oldest, score = ready[0]
     if now_ms - score >= max_wait_ms:
         return oldest
-    return next((adapter for adapter, _ in ready if adapter in held), oldest)
+    for tier in (held,) if isinstance(held, set) else held:
+        found = next((adapter for adapter, _ in ready if adapter in tier), None)
+        if found is not None:
+            return found
+    return oldest
 
 
 class Producer:
@@ -129,6 +149,7 @@ class Producer:
         self._limits = limits
         self._enqueue = client.register_script(_ENQUEUE)
         self._cancel = client.register_script(_CANCEL)
+        self._live_workers = client.register_script(_LIVE_WORKERS)
 
     async def enqueue(self, job: queue_pb2.Job, now_ms: int) -> str:
         adapter = keys.adapter_key(job.adapter_digest)
@@ -157,6 +178,10 @@ class Producer:
 
     async def cancel(self, request_id: str) -> bool:
         return bool(await self._cancel(keys=[keys.meta(request_id)]))
+
+    async def live_workers(self) -> int:
+        """Workers whose heartbeat is live, counted in one round trip."""
+        return int(await self._live_workers(keys=[keys.WORKERS], args=[keys.heartbeat("")]))
 
     async def exists(self, request_id: str) -> bool:
         return bool(await self._client.exists(keys.meta(request_id)))
@@ -208,7 +233,7 @@ class Consumer:
         pairs: Any = self._client.zrange(keys.READY, 0, limit - 1, withscores=True)
         return [(_text(a), float(s)) for a, s in pairs]
 
-    def claim(self, held: set[str], count: int, max_wait_ms: float) -> list[Claimed]:
+    def claim(self, held: Affinity, count: int, max_wait_ms: float) -> list[Claimed]:
         """Claim up to `count` new jobs from one adapter chosen by `choose_adapter`."""
         adapter = choose_adapter(self.ready(), held, time.time() * 1000, max_wait_ms)
         if adapter is None or count < 1:
@@ -216,10 +241,8 @@ class Consumer:
         flat = self._claim(
             keys=[keys.queue(adapter), keys.READY], args=[self.worker, count, adapter]
         )
-        return [
-            Claimed(_text(flat[i]), adapter, keys.decode_job(flat[i + 1]), 1)
-            for i in range(0, len(flat), 2)
-        ]
+        pairs = [(_text(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
+        return self._decoded(adapter, pairs, {})
 
     def ack(self, claimed: Claimed) -> None:
         self._ack(keys=[keys.queue(claimed.adapter), keys.TOTAL], args=[claimed.entry_id])
@@ -269,16 +292,29 @@ class Consumer:
         entries: Any = self._client.xclaim(
             stream, keys.GROUP, self.worker, guard_ms, list(deliveries)
         )
-        return [
-            Claimed(
-                _text(eid),
-                adapter,
-                keys.decode_job(fields[keys.PAYLOAD.encode()]),
-                deliveries[_text(eid)],
-            )
-            for eid, fields in entries
-            if fields
-        ]
+        pairs = [(_text(eid), fields[keys.PAYLOAD.encode()]) for eid, fields in entries if fields]
+        return self._decoded(adapter, pairs, deliveries)
+
+    def _decoded(
+        self, adapter: str, pairs: list[tuple[str, bytes]], deliveries: dict[str, int]
+    ) -> list[Claimed]:
+        """Claimed jobs; an entry whose payload does not decode goes to the dead-letter
+        stream on its own (acked), so it never holds up the jobs claimed with it."""
+        out = []
+        for entry_id, payload in pairs:
+            try:
+                job = keys.decode_job(payload)
+            except DecodeError:
+                self._client.xadd(
+                    keys.DEAD,
+                    {keys.PAYLOAD: payload, "reason": "undecodable job", "adapter": adapter},
+                    maxlen=self.limits.dead_letter_maxlen,
+                    approximate=True,
+                )
+                self._ack(keys=[keys.queue(adapter), keys.TOTAL], args=[entry_id])
+                continue
+            out.append(Claimed(entry_id, adapter, job, deliveries.get(entry_id, 1)))
+        return out
 
     def dead_letter(self, claimed: Claimed, reason: str) -> None:
         """Park a job that keeps failing, then ack it."""

@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         open_blob_store(store),
         base_dir,
         store.max_rank,
+        max_threads=settings.registry_threads,
+        max_pending=settings.registry_max_pending,
     )
     asyncio.run(serve(settings, registry))
     return 0

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import tarfile
-import tempfile
+import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import NoReturn
 
 import grpc
@@ -15,23 +13,11 @@ from gateway import errors
 from gateway.errors import InvalidField, UploadRejected
 from gateway.metrics import GatewayMetrics
 from gateway.registry import CachedResolver, Registry
+from gateway.unpack import Spool, UploadLimits
 from gateway.validation import check_adapter_ref
 from protos.lorapool.v1 import admin_pb2, admin_pb2_grpc, generation_pb2
 
-CONFIG_FILE = "adapter_config.json"
-
-
-def unpack(archive: Path, into: Path) -> Path:
-    """Extract a tar (any compression) safely; return the directory holding the adapter."""
-    try:
-        with tarfile.open(archive, mode="r:*") as tar:
-            tar.extractall(into, filter="data")
-    except (tarfile.TarError, OSError) as exc:
-        raise UploadRejected(f"not a readable tar archive: {exc}") from exc
-    found = sorted(p.parent for p in into.rglob(CONFIG_FILE))
-    if len(found) != 1:
-        raise UploadRejected(f"the archive must hold exactly one {CONFIG_FILE}, found {len(found)}")
-    return found[0]
+log = logging.getLogger(__name__)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
@@ -40,13 +26,13 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         registry: Registry,
         resolver: CachedResolver,
         metrics: GatewayMetrics,
-        max_upload_bytes: int,
+        limits: UploadLimits,
         timeout_s: float = 120.0,
     ) -> None:
         self._registry = registry
         self._resolver = resolver
         self._metrics = metrics
-        self._max_upload_bytes = max_upload_bytes
+        self._limits = limits
         self._timeout_s = timeout_s
 
     async def Upload(  # noqa: N802 (gRPC method name)
@@ -55,16 +41,17 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         context: grpc.aio.ServicerContext,
     ) -> generation_pb2.AdapterInfo:
         self._metrics.requests.labels(method="Upload").inc()
+        spool = Spool(self._limits)
         try:
-            with tempfile.TemporaryDirectory(prefix="lorapool-upload-") as tmp:
-                header = await self._receive(request_iterator, Path(tmp) / "upload.tar")
-                directory = await asyncio.to_thread(
-                    unpack, Path(tmp) / "upload.tar", Path(tmp) / "x"
-                )
+            try:
+                header = await self._receive(request_iterator, spool)
+                directory = await spool.unpack()
                 record = await asyncio.wait_for(
                     self._registry.upload(directory, header.name, header.description),
                     self._timeout_s,
                 )
+            finally:
+                await spool.close()
         except errors.MAPPED as exc:
             await self._fail(context, exc)
         self._resolver.forget()
@@ -96,24 +83,23 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return admin_pb2.DeleteResponse(adapter=record.to_proto())
 
     async def _receive(
-        self, chunks: AsyncIterator[admin_pb2.UploadChunk], dest: Path
+        self, chunks: AsyncIterator[admin_pb2.UploadChunk], spool: Spool
     ) -> admin_pb2.UploadHeader:
         header: admin_pb2.UploadHeader | None = None
         size = 0
-        with dest.open("wb") as out:
-            async for chunk in chunks:
-                if chunk.WhichOneof("part") == "header":
-                    if header is not None:
-                        raise InvalidField("header", "sent twice")
-                    header = chunk.header
-                    check_adapter_ref(header.name, "header.name")
-                    continue
-                if header is None:
-                    raise InvalidField("header", "must come first")
-                size += len(chunk.data)
-                if size > self._max_upload_bytes:
-                    raise UploadRejected(f"archive larger than {self._max_upload_bytes} bytes")
-                out.write(chunk.data)
+        async for chunk in chunks:
+            if chunk.WhichOneof("part") == "header":
+                if header is not None:
+                    raise InvalidField("header", "sent twice")
+                header = chunk.header
+                check_adapter_ref(header.name, "header.name")
+                continue
+            if header is None:
+                raise InvalidField("header", "must come first")
+            size += len(chunk.data)
+            if size > self._limits.max_upload_bytes:
+                raise UploadRejected(f"archive larger than {self._limits.max_upload_bytes} bytes")
+            await spool.write(chunk.data)
         if header is None or not header.name or ":" in header.name:
             raise InvalidField("header.name", "an adapter name (no version) is required")
         if size == 0:
@@ -121,6 +107,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return header
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
-        code, _ = errors.status_of(exc)
+        code, message = errors.status_of(exc)
         self._metrics.errors.labels(code=code.name).inc()
+        log.warning("admin call failed: %s: %s", code.name, message)
         await errors.abort(context, exc)

@@ -18,9 +18,14 @@ def _matches(token: str, allowed: tuple[str, ...]) -> bool:
 
 
 def bearer(metadata: Any) -> str | None:
+    """The token of an `authorization: Bearer <token>` header; the scheme is case-insensitive
+    (RFC 6750 / RFC 7235)."""
     for key, value in metadata or ():
-        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            return value[len("Bearer ") :].strip()
+        if key != "authorization" or not isinstance(value, str):
+            continue
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
     return None
 
 
@@ -47,9 +52,15 @@ def decide(
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
-    def __init__(self, api_tokens: tuple[str, ...], admin_tokens: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        api_tokens: tuple[str, ...],
+        admin_tokens: tuple[str, ...],
+        on_refusal: Callable[[grpc.StatusCode], None] | None = None,
+    ) -> None:
         self._api = api_tokens
         self._admin = admin_tokens
+        self._on_refusal = on_refusal
 
     async def intercept_service(
         self,
@@ -63,6 +74,8 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if refusal is None or handler is None:
             return handler
+        if self._on_refusal is not None:
+            self._on_refusal(refusal[0])
         return _refuse(handler, *refusal)
 
 

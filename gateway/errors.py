@@ -8,6 +8,7 @@ import grpc
 import redis
 
 from broker.queue import DuplicateRequest, QueueFull
+from gateway.bounded import PoolSaturated
 
 
 class InvalidField(Exception):
@@ -26,12 +27,20 @@ class AdapterUnservable(Exception):
     """The adapter exists but cannot be served by this deployment."""
 
 
+class FeatureUnavailable(Exception):
+    """The request asks for a feature this server does not offer yet."""
+
+
 class RegistryDown(Exception):
     """The registry did not answer in time or failed."""
 
 
 class QueueDown(Exception):
     """Redis is unreachable (the health probe says so, or a call failed)."""
+
+
+class NoLiveWorker(Exception):
+    """No worker has heartbeated for longer than the grace: nothing would serve the request."""
 
 
 class RequestLost(Exception):
@@ -62,12 +71,15 @@ STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (UploadRejected, grpc.StatusCode.INVALID_ARGUMENT),
     (AdapterUnknown, grpc.StatusCode.NOT_FOUND),
     (AdapterUnservable, grpc.StatusCode.FAILED_PRECONDITION),
+    (FeatureUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DuplicateRequest, grpc.StatusCode.ALREADY_EXISTS),
     (DeadlinePassed, grpc.StatusCode.DEADLINE_EXCEEDED),
     (RegistryDown, grpc.StatusCode.UNAVAILABLE),
     (QueueDown, grpc.StatusCode.UNAVAILABLE),
     (RequestLost, grpc.StatusCode.UNAVAILABLE),
+    (NoLiveWorker, grpc.StatusCode.UNAVAILABLE),
+    (PoolSaturated, grpc.StatusCode.UNAVAILABLE),
     (redis.RedisError, grpc.StatusCode.UNAVAILABLE),
     (TimeoutError, grpc.StatusCode.UNAVAILABLE),
 ]

@@ -1,9 +1,16 @@
-"""A background probe: Redis reachability drives the health status and the depth gauges."""
+"""A background probe: Redis reachability and live workers drive health and the gauges.
+
+Health per service:
+    ""                        SERVING while Redis answers
+    lorapool.v1.Admin         SERVING while Redis answers
+    lorapool.v1.Generation    SERVING while Redis answers AND at least one worker heartbeats
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import redis
 import redis.asyncio as aioredis
@@ -14,7 +21,10 @@ from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("", "lorapool.v1.Generation", "lorapool.v1.Admin")
+GENERATION = "lorapool.v1.Generation"
+REDIS_SERVICES = ("", "lorapool.v1.Admin")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class RedisProbe:
@@ -32,11 +42,20 @@ class RedisProbe:
         self._metrics = metrics
         self._interval_s = interval_s
         self.up = False
+        self.live_workers = 0
+        self._zero_since: float | None = None  # monotonic time the count was first seen at 0
         self._stopping = False
+
+    def workerless(self, grace_s: float) -> bool:
+        """True when probes have counted no live worker for at least `grace_s` seconds.
+
+        Only probes that reached Redis move this: an outage neither starts nor ends it.
+        """
+        return self._zero_since is not None and time.monotonic() - self._zero_since >= grace_s
 
     async def check(self) -> bool:
         try:
-            await asyncio.wait_for(self._client.ping(), self._interval_s * 2)
+            live = await asyncio.wait_for(self._producer.live_workers(), self._interval_s * 2)
             self._metrics.set_depths(await self._producer.depths())
         except (redis.RedisError, TimeoutError, OSError) as exc:
             if self.up:
@@ -45,21 +64,29 @@ class RedisProbe:
             return False
         if not self.up:
             log.info("Redis reachable")
+        self._count(live)
         await self._set(True)
         return True
+
+    def _count(self, live: int) -> None:
+        if live == 0 and self._zero_since is None:
+            self._zero_since = time.monotonic()
+            log.warning("no live worker")
+        elif live > 0 and self._zero_since is not None:
+            self._zero_since = None
+            log.info("%d live worker(s)", live)
+        self.live_workers = live
+        self._metrics.live_workers.set(live)
 
     async def _set(self, up: bool) -> None:
         self.up = up
         self._metrics.redis_up.set(1 if up else 0)
         if self._stopping:
             return
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if up
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for service in SERVICES:
-            await self._health.set(service, status)
+        for service in REDIS_SERVICES:
+            await self._health.set(service, SERVING if up else NOT_SERVING)
+        generating = up and self.live_workers > 0
+        await self._health.set(GENERATION, SERVING if generating else NOT_SERVING)
 
     async def run(self) -> None:
         while True:

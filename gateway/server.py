@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -17,20 +18,27 @@ from broker.queue import Producer
 from broker.results import Reader
 from gateway.admin import AdminServicer
 from gateway.auth import TokenAuth
+from gateway.bounded import BoundedExecutor
 from gateway.generation import GenerationDeps, GenerationServicer
 from gateway.metrics import GatewayMetrics
 from gateway.probe import RedisProbe
 from gateway.registry import CachedResolver, Registry
+from gateway.relay import Relay
 from gateway.settings import GatewaySettings
+from gateway.tasks import BackgroundTasks
 from protos.lorapool.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+
+TASKS_GRACE_S = 2.0  # background work (cancels being retried) left at shutdown gets this long
 
 
 @dataclass
 class Gateway:
     server: grpc.aio.Server
     probe: RedisProbe
+    tasks: BackgroundTasks
     port: int
     grace_s: float
     probe_task: asyncio.Task[None] | None = None
@@ -38,7 +46,7 @@ class Gateway:
     async def start(self) -> None:
         await self.server.start()
         await self.probe.check()
-        self.probe_task = asyncio.create_task(self.probe.run())
+        self.probe_task = self.tasks.spawn(self.probe.run(), "redis-probe")
 
     async def stop(self) -> None:
         """Stop accepting, give open streams `grace_s` to finish, then close."""
@@ -46,6 +54,7 @@ class Gateway:
         await self.server.stop(self.grace_s)
         if self.probe_task is not None:
             self.probe_task.cancel()
+        await self.tasks.close(TASKS_GRACE_S)
 
 
 def _options(s: GatewaySettings) -> list[tuple[str, int]]:
@@ -77,21 +86,27 @@ def build(s: GatewaySettings, registry: Registry, metrics: GatewayMetrics) -> Ga
     health_servicer = health.aio.HealthServicer()
     probe = RedisProbe(client, producer, health_servicer, metrics, s.probe_interval_s)
     resolver = CachedResolver(registry, s.registry_cache_s, s.registry_timeout_s)
-    server = grpc.aio.server(
-        interceptors=[TokenAuth(s.api_tokens, s.admin_tokens)], options=_options(s)
-    )
+    tasks = BackgroundTasks(on_error=metrics.task_errors.inc)
+    auth = TokenAuth(s.api_tokens, s.admin_tokens, _count_refusal(metrics))
+    server = grpc.aio.server(interceptors=[auth], options=_options(s))
+    pool = getattr(registry, "pool", None)
+    if isinstance(pool, BoundedExecutor):
+        metrics.watch_pool("registry", pool)
     deps = GenerationDeps(
-        producer,
-        Reader(client),
-        resolver,
-        registry,
-        probe,
-        metrics,
-        s.request_limits,
-        s.max_request_s,
+        producer=producer,
+        relay=Relay(Reader(client), producer, probe, s.no_worker_grace_s),
+        resolver=resolver,
+        registry=registry,
+        probe=probe,
+        metrics=metrics,
+        tasks=tasks,
+        limits=s.request_limits,
+        max_request_s=s.max_request_s,
+        no_worker_grace_s=s.no_worker_grace_s,
+        result_ttl_s=s.queue_limits.result_ttl_s,
     )
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(deps), server)
-    admin = AdminServicer(registry, resolver, metrics, s.max_upload_bytes)
+    admin = AdminServicer(registry, resolver, metrics, s.upload_limits)
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
@@ -106,14 +121,21 @@ def build(s: GatewaySettings, registry: Registry, metrics: GatewayMetrics) -> Ga
         port = server.add_insecure_port(s.listen)
     else:
         port = server.add_secure_port(s.listen, credentials)
-    return Gateway(server, probe, port, s.grace_s)
+    return Gateway(server, probe, tasks, port, s.grace_s)
+
+
+def _count_refusal(metrics: GatewayMetrics) -> Callable[[grpc.StatusCode], None]:
+    def count(code: grpc.StatusCode) -> None:
+        metrics.auth_refusals.labels(code=code.name).inc()
+
+    return count
 
 
 async def serve(s: GatewaySettings, registry: Registry) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    metrics = GatewayMetrics()
+    metrics = GatewayMetrics(top_adapters=s.top_adapters)
     if s.metrics_port:
-        start_http_server(s.metrics_port, registry=metrics.registry)
+        start_http_server(s.metrics_port, addr=s.metrics_addr, registry=metrics.registry)
     gateway = build(s, registry, metrics)
     await gateway.start()
     log.info("gateway listening on %s (port %d)", s.listen, gateway.port)

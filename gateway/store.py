@@ -1,12 +1,14 @@
 """The registry the gateway uses in production: adapter_store's index and blobs, via threads.
 
-SQLAlchemy is synchronous; every call runs in a worker thread, and the caller bounds it
-with a timeout. Store errors become the gateway's own exceptions here, nowhere else.
+SQLAlchemy is synchronous; every call runs on the registry's own bounded thread pool
+(gateway/bounded.py), and the caller bounds it with a timeout. A stalled database holds at
+most `max_threads` threads and `max_pending` calls; further calls are refused at once
+(UNAVAILABLE) and counted. Store errors become the gateway's own exceptions here, nowhere
+else.
 """
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +28,7 @@ from adapter_store.errors import (
 )
 from adapter_store.models import Adapter
 from adapter_store.upload import upload_adapter
+from gateway.bounded import BoundedExecutor
 from gateway.errors import (
     AdapterUnknown,
     AdapterUnservable,
@@ -68,11 +71,14 @@ class StoreRegistry:
         blobs: BlobStore,
         base_model_dir: Path | None,
         max_rank: int,
+        max_threads: int = 4,
+        max_pending: int = 32,
     ) -> None:
         self._sessions = sessions
         self._blobs = blobs
         self._base_model_dir = base_model_dir
         self._max_rank = max_rank
+        self.pool = BoundedExecutor("registry", max_threads, max_pending)
 
     async def resolve(self, ref: str) -> AdapterRecord:
         return await self._run(self._resolve, ref)
@@ -115,7 +121,7 @@ class StoreRegistry:
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         try:
-            return await asyncio.to_thread(fn, *args)
+            return await self.pool.run(fn, *args)
         except tuple(kind for kind, _ in _TRANSLATE) as exc:
             make = next(m for kind, m in _TRANSLATE if isinstance(exc, kind))
             raise make(str(exc)) from exc

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from gateway.errors import InvalidField
 from protos.lorapool.v1 import generation_pb2
 
+# Checked with fullmatch and anchored with `\A…\Z`: `$` would accept a trailing newline.
 # `name` or `name:version`: no slashes, no leading dot, no `..` (never path-like).
-ADAPTER_REF = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}(:[0-9]{1,9})?$")
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+ADAPTER_REF = re.compile(r"\A(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}(:[0-9]{1,9})?\Z")
+REQUEST_ID = re.compile(r"\A[A-Za-z0-9._:-]{1,128}\Z")
+SpecMethod = generation_pb2.SpeculativeOptions.Method
 ROLES = frozenset({"system", "user", "assistant"})
 
 
@@ -29,22 +31,28 @@ class RequestLimits:
 
 
 def check_adapter_ref(ref: str, field: str = "adapter") -> None:
-    if ref and not ADAPTER_REF.match(ref):
+    if ref and not ADAPTER_REF.fullmatch(ref):
         raise InvalidField(field, "must be `name` or `name:version` (letters, digits, . _ -)")
 
 
 def validate(request: generation_pb2.GenerateRequest, limits: RequestLimits) -> None:
     """Raise InvalidField naming the first bad field."""
     check_adapter_ref(request.adapter)
-    if request.request_id and not REQUEST_ID.match(request.request_id):
+    if request.request_id and not REQUEST_ID.fullmatch(request.request_id):
         raise InvalidField("request_id", "at most 128 of letters, digits and . _ : -")
     _check_prompt(request, limits)
     _check_sampling(request.sampling, limits)
-    spec = request.speculative
+    _check_speculative(request.speculative, limits)
+
+
+def _check_speculative(spec: generation_pb2.SpeculativeOptions, limits: RequestLimits) -> None:
+    """Range-check the options; any method (and the server's default) is served."""
     if spec.num_speculative_tokens > limits.max_speculative_tokens:
         raise InvalidField(
             "speculative.num_speculative_tokens", f"at most {limits.max_speculative_tokens}"
         )
+    if spec.method not in SpecMethod.values():
+        raise InvalidField("speculative.method", "unknown method")
 
 
 def _check_prompt(request: generation_pb2.GenerateRequest, limits: RequestLimits) -> None:

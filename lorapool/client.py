@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import grpc
 
@@ -21,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw", action="store_true", help="send the prompt as plain text, not chat")
     p.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
     p.add_argument("--tls-ca", help="CA certificate: connect with TLS")
+    p.add_argument("--tls-cert", help="client certificate, for a gateway that requires mTLS")
+    p.add_argument("--tls-key", help="the client certificate's private key")
     p.add_argument(
         "--token", default=os.environ.get("LORAPOOL_API_TOKEN"), help="LORAPOOL_API_TOKEN"
     )
@@ -41,10 +44,18 @@ def request_of(args: argparse.Namespace) -> generation_pb2.GenerateRequest:
 
 
 def channel(args: argparse.Namespace) -> grpc.Channel:
-    if args.tls_ca:
-        with open(args.tls_ca, "rb") as f:
-            return grpc.secure_channel(args.target, grpc.ssl_channel_credentials(f.read()))
-    return grpc.insecure_channel(args.target)
+    if not args.tls_ca:
+        return grpc.insecure_channel(args.target)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("lorapool: --tls-cert and --tls-key go together")
+
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    credentials = grpc.ssl_channel_credentials(
+        read(args.tls_ca), private_key=read(args.tls_key), certificate_chain=read(args.tls_cert)
+    )
+    return grpc.secure_channel(args.target, credentials)
 
 
 def run(args: argparse.Namespace) -> int:

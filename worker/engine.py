@@ -1,15 +1,18 @@
 """The engine: requests in, token events out, one continuous-batching step at a time.
 
-    step():  load adapters for what may run → schedule → run the model → sample,
-             detokenize, check stops → events
+    step():  start adapter loads for what waits → schedule (admission pages adapters and
+             KV into one pool) → run the model → sample, detokenize, check stops → events
 
-Everything the step needs is owned here and passed down; nothing is global.
+Everything the step needs is owned here and passed down; nothing is global. Adapter loads
+run on background threads (the host tier); the step never waits on one.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -20,17 +23,30 @@ import torch
 
 from worker.config import EngineConfig
 from worker.detokenizer import Detokenizer
-from worker.lora.adapter import AdapterLoadError, load_adapter
-from worker.lora.manager import AdapterManager
+from worker.drafting import draft_proposer, load_draft
+from worker.lora.adapter import load_host_adapter
+from worker.lora.host_cache import HostCache, Loader
+from worker.lora.manager import AdapterManager, Tier
+from worker.lora.resident import ModelShape
 from worker.memory.block_manager import BlockManager
-from worker.memory.page_pool import PagePool
+from worker.memory.geometry import PageGeometry
+from worker.memory.pool import MemoryPool
+from worker.model.config import FUSED_GROUPS
 from worker.model.llama import LlamaModel
 from worker.model.loader import load_model, load_tokenizer, resolve_dtype
 from worker.model.source import resolve_model_dir
 from worker.runner import ModelRunner
-from worker.sampling import sample
 from worker.scheduler import Scheduler, SchedulerLimits
-from worker.sequence import FinishReason, SamplingParams, ScheduledSeq, Sequence, TokenEvent
+from worker.sequence import (
+    FinishReason,
+    SamplingParams,
+    Sequence,
+    SpecMethod,
+    SpeculativeParams,
+    TokenEvent,
+)
+from worker.speculative.control import Totals
+from worker.speculator import Speculator
 
 Prompt = str | list[int] | list[dict[str, str]]
 
@@ -39,9 +55,32 @@ Prompt = str | list[int] | list[dict[str, str]]
 class EngineStats:
     running: int
     waiting: int
-    adapters_loaded: int
+    adapters_loaded: int  # resident in device pages
+    adapters_on_host: int
     free_pages: int
+    kv_pages: int
+    adapter_pages: int
+    total_pages: int
+    largest_free_run: int
+    adapter_padding: float  # (adapter page elements − weight elements) / weight elements
     preemptions: int
+    device_hits: int
+    device_misses: int
+    device_evictions: int
+    host_hits: int
+    host_misses: int
+    host_loads: int
+    host_evictions: int
+    host_load_seconds: float  # total
+    page_in_seconds: float  # total
+    prefetched: int
+    prefetched_in_time: int
+    spec_proposed: int  # draft tokens verified
+    spec_accepted: int  # ... accepted by the target
+    spec_acceptance_rate: float  # accepted / proposed
+    spec_tokens_per_step: float  # tokens a sampling sequence gets per step (1.0: none)
+    spec_draft_pages: int  # pages holding a draft model's KV (part of kv_pages)
+    spec_by_adapter: dict[tuple[str, str], Totals]  # (adapter or "", method) → counters
 
 
 @dataclass
@@ -51,39 +90,60 @@ class _Live:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, model: LlamaModel, tokenizer: Any) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: LlamaModel,
+        tokenizer: Any,
+        adapter_loader: Loader | None = None,  # tests and benchmarks substitute one
+        draft_model: LlamaModel | None = None,  # speculation's draft (shares the tokenizer)
+    ) -> None:
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
-        num_pages = config.num_pages or pages_for_budget(model, config)
-        self.pool = PagePool(num_pages)
+        geometry = page_geometry(model, config.page_size)
+        num_pages = config.num_pages or geometry.pages_for_budget(config.memory_mb)
+        self.pool = MemoryPool(geometry, num_pages, model.dtype, model.device)
+        loader = adapter_loader or partial(
+            load_host_adapter,
+            base=model.config.spec,
+            max_rank=config.max_lora_rank,
+            dtype=model.dtype,
+            pin=model.device.type == "cuda",
+        )
+        host = HostCache(loader, config.host_cache_mb * 2**20)
+        self.adapters = AdapterManager(self.pool, model_shape(model), host)
+        self.blocks = BlockManager(self.pool.allocator, config.page_size)
+        draft = None
+        if draft_model is not None:
+            shape = model_shape(draft_model)
+            draft = draft_proposer(draft_model, model, self.pool, shape, self.adapters.get)
         self.scheduler = Scheduler(
-            BlockManager(self.pool, config.page_size),
+            self.blocks,
+            self.adapters,
             SchedulerLimits(config.max_num_seqs, config.max_batch_tokens),
+            spare=draft,
         )
         self.runner = ModelRunner(
-            model, model.allocate_kv(num_pages * config.page_size), config.page_size
+            model, self.pool.kv_rows, self.pool.flat, config.page_size, model_shape(model)
         )
-        loader = partial(
-            load_adapter,
-            model=model.config,
-            device=model.device,
-            dtype=model.dtype,
-            max_rank=config.max_lora_rank,
-        )
-        self.adapters = AdapterManager(loader, config.max_adapters)
         self.max_len = min(config.max_model_len, num_pages * config.page_size)
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.speculator = Speculator(
+            self.blocks, draft, model.device, self.max_len, config.speculative_adaptive
+        )
         self._live: dict[str, _Live] = {}
         self._pending: list[TokenEvent] = []
         self._arrivals = itertools.count()
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> Engine:
+    def from_config(cls, config: EngineConfig, adapter_loader: Loader | None = None) -> Engine:
         model_dir = resolve_model_dir(config.model, config.cache_dir)
         device = torch.device(config.device)
-        model = load_model(model_dir, device, resolve_dtype(config.dtype, device))
-        return cls(config, model, load_tokenizer(model_dir))
+        dtype = resolve_dtype(config.dtype, device)
+        model = load_model(model_dir, device, dtype, config.quantize, config.compute_dtype)
+        draft = load_draft(config, model)
+        return cls(config, model, load_tokenizer(model_dir), adapter_loader, draft)
 
     # -- requests ---------------------------------------------------------------
 
@@ -91,12 +151,25 @@ class Engine:
         """Make an adapter (PEFT directory or registry blob) known; it loads on first use."""
         self.adapters.register(adapter_id, Path(source))
 
+    def forget_adapter(self, adapter_id: str) -> None:
+        """Drop an adapter from every tier (its source is gone), unless a request uses it."""
+        if all(live.seq.adapter_id != adapter_id for live in self._live.values()):
+            self.adapters.forget(adapter_id)
+
+    def prefetch_adapter(self, adapter_id: str) -> None:
+        """Start loading a registered adapter into host memory ahead of its requests."""
+        self.adapters.prefetch(adapter_id, ahead=True)
+
+    def adapter_tier(self, adapter_id: str) -> Tier:
+        return self.adapters.tier(adapter_id)
+
     def add_request(
         self,
         request_id: str,
         prompt: Prompt,
         sampling: SamplingParams,
         adapter_id: str | None = None,
+        speculative: SpeculativeParams | None = None,  # None: the server's default
     ) -> None:
         """Queue a request; raises ValueError for a request that can never run."""
         if request_id in self._live:
@@ -107,8 +180,19 @@ class Engine:
         if len(ids) >= self.max_len:
             raise ValueError(f"prompt has {len(ids)} tokens; the limit is {self.max_len - 1}")
         seq = Sequence(request_id, ids, sampling, adapter_id, next(self._arrivals))
+        seq.spec_method, seq.spec_tokens = self._speculation(speculative or SpeculativeParams())
         self._live[request_id] = _Live(seq, Detokenizer(self.tokenizer, ids, sampling.stop))
         self.scheduler.add(seq)
+        if adapter_id is not None:
+            self.adapters.prefetch(adapter_id)  # the host load starts now, in the background
+
+    def _speculation(self, asked: SpeculativeParams) -> tuple[SpecMethod, int]:
+        """The request's method and γ, the server's where it did not choose. Without a draft
+        model here, DRAFT falls back to n-gram lookup (what is generated is the same)."""
+        method = asked.method or SpecMethod(self.config.speculative)
+        if method is SpecMethod.DRAFT and self.speculator.draft is None:
+            method = SpecMethod.NGRAM
+        return method, asked.num_tokens or self.config.num_speculative_tokens
 
     def cancel(self, request_id: str) -> None:
         """Stop a request now: its pages are freed and its final event is CANCELLED."""
@@ -137,65 +221,105 @@ class Engine:
 
     def step(self) -> list[TokenEvent]:
         events, self._pending = self._pending, []
-        events += self._load_adapters()
+        events += self._start_adapter_loads()
         batch = self.scheduler.schedule()
         if batch:
+            spare = self.config.max_batch_tokens - sum(item.num_tokens for item in batch)
+            batch = self.speculator.plan(batch, spare)
+            started = time.perf_counter()
             ordered, logits = self.runner.run(batch, self.adapters.get)
-            events += self._postprocess(ordered, logits)
+            new = self.speculator.tokens(ordered, logits)  # rolls back rejected drafts
+            self.speculator.observe(batch, time.perf_counter() - started)
+            events += [self._append(seq, tokens) for seq, tokens in new]
         return events
 
     def has_unfinished(self) -> bool:
         return bool(self._live or self._pending)
 
     def num_free_pages(self) -> int:
-        return self.pool.num_free
+        return self.pool.allocator.num_free
 
     def stats(self) -> EngineStats:
+        counts = self.pool.allocator.counts()
+        held, weights = self.adapters.padding_elems()
+        host, device = self.adapters.host.stats, self.adapters.stats
+        spec = self.speculator.summary()
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
-            adapters_loaded=len(self.adapters.loaded),
-            free_pages=self.pool.num_free,
+            adapters_loaded=len(self.adapters.resident),
+            adapters_on_host=self.adapters.host.num_ready,
+            free_pages=counts.free,
+            kv_pages=counts.kv,
+            adapter_pages=counts.adapter,
+            total_pages=counts.total,
+            largest_free_run=counts.largest_free_run,
+            adapter_padding=(held - weights) / weights if weights else 0.0,
             preemptions=self.scheduler.num_preemptions,
+            device_hits=device.hits,
+            device_misses=device.misses,
+            device_evictions=device.evictions,
+            host_hits=host.hits,
+            host_misses=host.misses,
+            host_loads=host.loads,
+            host_evictions=host.evictions,
+            host_load_seconds=host.load_seconds,
+            page_in_seconds=device.page_in_seconds,
+            prefetched=device.prefetched,
+            prefetched_in_time=device.prefetched_in_time,
+            spec_proposed=spec.proposed,
+            spec_accepted=spec.accepted,
+            spec_acceptance_rate=spec.acceptance_rate,
+            spec_tokens_per_step=spec.tokens_per_step,
+            spec_draft_pages=self.speculator.draft.pages() if self.speculator.draft else 0,
+            spec_by_adapter=self.speculator.by_adapter(),
         )
 
-    def _load_adapters(self) -> list[TokenEvent]:
-        """Load the adapters of everything that may run this step; fail only their requests."""
-        candidates = self.scheduler.running + list(
-            itertools.islice(self.scheduler.waiting, self.config.max_num_seqs)
-        )
-        pinned = {s.adapter_id for s in candidates if s.adapter_id is not None}
+    def _start_adapter_loads(self) -> list[TokenEvent]:
+        """Start host loads for what waits (background); fail requests that can never run."""
+        lookahead = itertools.islice(self.scheduler.waiting, 2 * self.config.max_num_seqs)
         events = []
-        for seq in candidates:
+        for seq in list(lookahead):
             if seq.adapter_id is None or seq.request_id not in self._live:
                 continue
-            try:
-                self.adapters.ensure(seq.adapter_id, pinned)
-            except AdapterLoadError as exc:
+            self.adapters.prefetch(seq.adapter_id)
+            problem = self._unservable(seq)
+            if problem is not None:
                 live = self._live[seq.request_id]
-                events.append(self._finish(live, [], "", FinishReason.ERROR, str(exc)))
+                events.append(self._finish(live, [], "", FinishReason.ERROR, problem))
         return events
 
-    def _postprocess(self, ordered: list[ScheduledSeq], logits: torch.Tensor) -> list[TokenEvent]:
-        sampling = [item.seq for item in ordered if item.samples]
-        for item in ordered:
-            item.seq.num_computed += item.num_tokens
-        tokens = sample(
-            logits, [s.sampling for s in sampling], [len(s.output_ids) for s in sampling]
-        )
-        return [self._append(seq, token) for seq, token in zip(sampling, tokens, strict=True)]
+    def _unservable(self, seq: Sequence) -> str | None:
+        """Why seq can never run here: its adapter failed to load, or it cannot fit the pool."""
+        assert seq.adapter_id is not None
+        tier = self.adapters.tier(seq.adapter_id)
+        if tier is Tier.FAILED:
+            return self.adapters.error(seq.adapter_id)
+        if tier is Tier.HOST:
+            adapter_pages = self.adapters.pages_needed(seq.adapter_id)
+            need = adapter_pages + self.blocks.blocks_for(len(seq.prompt_ids) + 1)
+            if need > self.pool.num_pages:
+                return (
+                    f"adapter {seq.adapter_id} and the prompt need {need} pages; the memory "
+                    f"pool has {self.pool.num_pages}: raise --memory-mb"
+                )
+        return None
 
-    def _append(self, seq: Sequence, token: int) -> TokenEvent:
-        live = self._live[seq.request_id]
-        seq.output_ids.append(token)
-        if token in self.eos_ids and not seq.sampling.ignore_eos:
-            return self._finish(live, [token], live.detok.flush(), FinishReason.STOP)
-        text, stopped = live.detok.add(token)
-        if stopped:
-            return self._finish(live, [token], text, FinishReason.STOP)
-        if len(seq.output_ids) >= seq.sampling.max_tokens or seq.num_tokens >= self.max_len:
-            return self._finish(live, [token], text + live.detok.flush(), FinishReason.LENGTH)
-        return self._event(seq, [token], text, None)
+    def _append(self, seq: Sequence, tokens: list[int]) -> TokenEvent:
+        """Append a step's tokens in order, stopping exactly where plain decoding would."""
+        live, text = self._live[seq.request_id], ""
+        for n, token in enumerate(tokens, 1):
+            seq.output_ids.append(token)
+            if token in self.eos_ids and not seq.sampling.ignore_eos:
+                return self._finish(live, tokens[:n], text + live.detok.flush(), FinishReason.STOP)
+            new, stopped = live.detok.add(token)
+            text += new
+            if stopped:
+                return self._finish(live, tokens[:n], text, FinishReason.STOP)
+            if len(seq.output_ids) >= seq.sampling.max_tokens or seq.num_tokens >= self.max_len:
+                text += live.detok.flush()
+                return self._finish(live, tokens[:n], text, FinishReason.LENGTH)
+        return self._event(seq, tokens, text, None)
 
     def _finish(
         self,
@@ -207,6 +331,7 @@ class Engine:
     ) -> TokenEvent:
         seq = live.seq
         self.scheduler.remove(seq)
+        self.speculator.forget(seq)
         seq.finish_reason = reason
         del self._live[seq.request_id]
         return self._event(seq, tokens, text, reason, error)
@@ -250,12 +375,28 @@ class Engine:
         return list(results.values())
 
 
-def pages_for_budget(model: LlamaModel, config: EngineConfig) -> int:
-    """How many KV pages fit in config.kv_cache_mb (K and V, every layer)."""
+def page_geometry(model: LlamaModel, page_tokens: int) -> PageGeometry:
     c = model.config
-    itemsize = torch.empty((), dtype=model.dtype).element_size()
-    page_bytes = config.page_size * c.num_layers * 2 * c.kv_size * itemsize
-    return max(1, config.kv_cache_mb * 2**20 // page_bytes)
+    return PageGeometry(
+        num_layers=c.num_layers,
+        page_tokens=page_tokens,
+        num_kv_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        itemsize=torch.empty((), dtype=model.dtype).element_size(),
+    )
+
+
+def model_shape(model: LlamaModel) -> ModelShape:
+    c = model.config
+    shapes = c.projection_shapes()
+    widths = (c.hidden_size, c.q_size, c.kv_size, c.intermediate_size)
+    return ModelShape(
+        num_layers=c.num_layers,
+        in_widths=(c.hidden_size, c.q_size, c.hidden_size, c.intermediate_size),
+        out_widths=tuple(shapes[m][1] for m in shapes),
+        out_cols=tuple(tuple(c.fused_columns(g).values()) for g in FUSED_GROUPS),
+        granule=math.gcd(*widths),  # divides every row width, and the page (a multiple of kv)
+    )
 
 
 def _eos_ids(model: LlamaModel, tokenizer: Any) -> frozenset[int]:

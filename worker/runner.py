@@ -1,9 +1,13 @@
 """Turn a scheduled batch into a ForwardBatch, run the model, return next-token logits.
 
-Decodes (one new token) come first and attend as one group; each prefill chunk
-follows and attends alone, so every group is a contiguous slice of token rows and
-no sequence is padded to another's query length. Within each part, sequences are
-ordered by adapter so that tokens sharing an adapter form segments (SGMV).
+Decodes (one new token) come first and attend as one group; verifications (a decode's
+token and its draft) and first prefill chunks follow, those of equal query length as one
+group (a first chunk's context is its query: nothing is padded); every later prefill
+chunk comes last and attends alone, so every group is a contiguous slice of token rows
+and no sequence is padded to another's query length. Within each part, sequences are ordered by
+adapter so tokens sharing an adapter form segments (SGMV). Everything per step is built
+here, once: the kernel path gets device int32/int64 tensors (LoraStepMeta, block tables, cu_seqlens),
+the CPU path per-group page/offset gathers and views of the adapters' pages.
 """
 
 from __future__ import annotations
@@ -12,84 +16,115 @@ from collections.abc import Callable
 
 import torch
 
+from worker.kernels.lora_gather import GatherBucket
+from worker.kernels.lora_meta import LoraStepMeta
 from worker.kernels.lora_ref import Segments
-from worker.model.forward_batch import AttentionGroup, ForwardBatch, LoraBatch, LoraWeights
-from worker.model.llama import KVCache, LlamaModel
+from worker.lora.resident import GatherTables, ModelShape, ResidentAdapter
+from worker.model.forward_batch import AttentionGroup, ForwardBatch, LoraBatch, PagedAttention
+from worker.model.llama import LlamaModel
 from worker.sequence import ScheduledSeq
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: KVCache, page_size: int) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        kv_rows: torch.Tensor,
+        pool_flat: torch.Tensor,
+        page_tokens: int,
+        shape: ModelShape,
+    ) -> None:
         self.model = model
-        self.kv = kv
-        self.page_size = page_size
+        self.kv = kv_rows  # [pages · L · 2 · page_tokens, kv_size]: the pool as KV rows
+        self.pool_flat = pool_flat  # [N] the same buffer, flat (adapter rows)
+        self.page_tokens = page_tokens
+        self.page_rows = model.config.num_layers * 2 * page_tokens  # KV rows per page
+        self.paged = model.device.type == "cuda"  # kernels read tensors; the CPU path views
+        self.shape = shape
+        self.table = pool_flat.view(-1, shape.granule)  # the pool as γ-wide rows (CPU path)
 
     def run(
-        self,
-        batch: list[ScheduledSeq],
-        adapter_of: Callable[[str], LoraWeights],
+        self, batch: list[ScheduledSeq], adapter_of: Callable[[str], ResidentAdapter]
     ) -> tuple[list[ScheduledSeq], torch.Tensor]:
         """Returns the batch in model order and logits [N, vocab] for its sampling rows."""
-        ordered = sorted(
-            batch, key=lambda s: (s.num_tokens > 1, s.seq.adapter_id or "", s.seq.arrival)
-        )
+        ordered = sorted(batch, key=_model_order)
         forward = self.prepare(ordered, adapter_of)
-        logits = self.model.forward(forward, self.kv)
-        return ordered, logits
+        return ordered, self.model.forward(forward, self.kv)
 
     def prepare(
-        self, batch: list[ScheduledSeq], adapter_of: Callable[[str], LoraWeights]
+        self, batch: list[ScheduledSeq], adapter_of: Callable[[str], ResidentAdapter]
     ) -> ForwardBatch:
         device = self.model.device
         ids: list[int] = []
         positions: list[int] = []
-        row_slots: list[int] = []  # adapter index per token row (-1: none)
-        adapters: dict[str, int] = {}
+        row_slots: list[int] = []  # adapter slot per token row (-1: none)
+        slots: dict[str, int] = {}
         logits_index: list[int] = []
         for item in batch:
             seq, start = item.seq, item.seq.num_computed
-            ids.extend(seq.token_ids[start : start + item.num_tokens])
+            ids.extend(item.input_ids)
             positions.extend(range(start, start + item.num_tokens))
-            slot = (
-                -1 if seq.adapter_id is None else adapters.setdefault(seq.adapter_id, len(adapters))
-            )
+            aid = seq.adapter_id
+            slot = -1 if aid is None else slots.setdefault(aid, len(slots))
             row_slots.extend([slot] * item.num_tokens)
-            if item.samples:
-                logits_index.append(len(ids) - 1)
+            logits_index.extend(len(ids) - item.num_logits + i for i in range(item.num_logits))
         pos = torch.tensor(positions, dtype=torch.long)
-        tables = [item.seq.block_table for item in batch]
-        lora = None
-        if adapters:
-            by_slot = [adapter_of(a) for a in adapters]
-            segments = Segments.from_rows(row_slots)
-            lora = LoraBatch(segments, [None if s < 0 else by_slot[s] for s in segments.slots])
+        lora = self._lora(row_slots, [adapter_of(a) for a in slots]) if slots else None
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
             positions=pos.to(device),
-            slot_mapping=self._slots(tables, [i.num_tokens for i in batch], pos).to(device),
-            attention=self._groups(batch, device),
+            slot_rows=self._slot_rows(batch, pos).to(device),
+            kv_layer_rows=2 * self.page_tokens,
+            kv_v_rows=self.page_tokens,
+            attention=[] if self.paged else self._groups(batch, device),
+            paged=self._paged_attention(batch, device) if self.paged else None,
             logits_index=torch.tensor(logits_index, dtype=torch.long, device=device),
             lora=lora,
         )
 
-    def _slots(self, tables: list[list[int]], counts: list[int], pos: torch.Tensor) -> torch.Tensor:
-        """KV slot of every new token: page_id · page_size + position % page_size."""
+    def _slot_rows(self, batch: list[ScheduledSeq], pos: torch.Tensor) -> torch.Tensor:
+        """Layer-0 K row of every new token: page · rows per page + position % page_tokens."""
+        counts = [item.num_tokens for item in batch]
         page_of_row = torch.cat(
             [
-                torch.tensor(table, dtype=torch.long)[chunk // self.page_size]
-                for table, chunk in zip(tables, pos.split(counts), strict=True)
+                torch.tensor(item.seq.block_table, dtype=torch.long)[chunk // self.page_tokens]
+                for item, chunk in zip(batch, pos.split(counts), strict=True)
             ]
         )
-        return page_of_row * self.page_size + pos % self.page_size
+        return page_of_row * self.page_rows + pos % self.page_tokens
+
+    def _lora(self, row_slots: list[int], residents: list[ResidentAdapter]) -> LoraBatch:
+        segments = Segments.from_rows(row_slots)
+        adapters: list[ResidentAdapter | None] = [
+            None if s < 0 else residents[s] for s in segments.slots
+        ]
+        if self.paged:
+            align = min(self.shape.granule & -self.shape.granule, 16)  # a power of two
+            meta = _step_meta(self.pool_flat, residents, segments, row_slots, align)
+            one_row = all(e - s == 1 for s, e in zip(segments.starts, segments.ends, strict=True))
+            out_cols = self.shape.out_cols
+            return LoraBatch(segments, adapters, meta, out_cols=out_cols, decode_only=one_row)
+        buckets = _buckets(segments, adapters, self.model.device)
+        return LoraBatch(segments, adapters, None, buckets, self.table, self.shape.out_cols)
 
     def _groups(self, batch: list[ScheduledSeq], device: torch.device) -> list[AttentionGroup]:
-        """Decodes (first in the batch) as one group, then one group per prefill chunk."""
-        decodes = [item for item in batch if item.num_tokens == 1]
-        groups = [self._group(decodes, slice(0, len(decodes)), device)] if decodes else []
-        row = len(decodes)
-        for item in batch[len(decodes) :]:
-            groups.append(self._group([item], slice(row, row + item.num_tokens), device))
-            row += item.num_tokens
+        """One group per run of batched items of equal query length (the decodes, then each
+        length of verification or first chunk), then one group per later prefill chunk: the
+        order of run()."""
+        groups: list[AttentionGroup] = []
+        row = start = 0
+        while start < len(batch):
+            stop = start + 1
+            if not _alone(batch[start]):
+                lq = batch[start].num_tokens
+                while (
+                    stop < len(batch) and not _alone(batch[stop]) and batch[stop].num_tokens == lq
+                ):
+                    stop += 1
+            items = batch[start:stop]
+            rows = sum(item.num_tokens for item in items)
+            groups.append(self._group(items, slice(row, row + rows), device))
+            row, start = row + rows, stop
         return groups
 
     def _group(
@@ -99,12 +134,9 @@ class ModelRunner:
         lq = (rows.stop - rows.start) // len(items)
         ctx_lens = torch.tensor([i.seq.num_computed + i.num_tokens for i in items])
         lk = int(ctx_lens.max())
-        pages = max(len(i.seq.block_table) for i in items)
-        table = torch.zeros(len(items), pages, dtype=torch.long)
-        for b, item in enumerate(items):
-            table[b, : len(item.seq.block_table)] = torch.tensor(item.seq.block_table)
+        table = _block_tables(items, torch.long)
         ctx = torch.arange(lk)
-        ctx_slots = table[:, ctx // self.page_size] * self.page_size + ctx % self.page_size
+        ctx_rows = table[:, ctx // self.page_tokens] * self.page_rows + ctx % self.page_tokens
         # Query j of sequence b sits at position ctx_len_b - Lq + j and sees ctx <= that.
         q_pos = ctx_lens[:, None] - lq + torch.arange(lq)[None, :]  # [B, Lq]
         mask = ctx[None, None, :] <= q_pos[:, :, None]  # [B, Lq, Lk]
@@ -114,6 +146,106 @@ class ModelRunner:
         return AttentionGroup(
             rows=rows,
             num_seqs=len(items),
-            ctx_slots=ctx_slots.to(device),
+            ctx_rows=ctx_rows.to(device),
             mask=mask.unsqueeze(1).to(device),
         )
+
+    def _paged_attention(self, batch: list[ScheduledSeq], device: torch.device) -> PagedAttention:
+        q_lens = [item.num_tokens for item in batch]
+        cu = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        ctx = [item.seq.num_computed + item.num_tokens for item in batch]
+        return PagedAttention(
+            block_tables=_block_tables(batch, torch.int32).to(device),
+            context_lens=torch.tensor(ctx, dtype=torch.int32, device=device),
+            cu_seqlens_q=cu.to(device),
+            max_query_len=max(q_lens),
+            decode_only=max(q_lens) == 1,
+            num_layers=self.model.config.num_layers,
+            window=self.model.config.sliding_window,
+        )
+
+
+def _buckets(
+    segments: Segments, adapters: list[ResidentAdapter | None], device: torch.device
+) -> list[GatherBucket]:
+    """One-row segments grouped by adapter layout (taken out of `adapters`, in place)."""
+    by_layout: dict[tuple[tuple[int, ...], ...], list[tuple[int, GatherTables]]] = {}
+    for i, (start, end) in enumerate(zip(segments.starts, segments.ends, strict=True)):
+        adapter = adapters[i]
+        if end - start == 1 and adapter is not None and adapter.gather is not None:
+            by_layout.setdefault(adapter.gather.signature, []).append((start, adapter.gather))
+            adapters[i] = None
+    return [_bucket(members, device) for members in by_layout.values()]
+
+
+def _bucket(members: list[tuple[int, GatherTables]], device: torch.device) -> GatherBucket:
+    first = members[0][1]
+
+    def stacked(pick: Callable[[GatherTables], tuple[torch.Tensor | None, ...]]) -> tuple:
+        per_key = zip(*(pick(g) for _, g in members), strict=True)
+        return tuple(None if ts[0] is None else torch.stack(ts) for ts in per_key)
+
+    return GatherBucket(
+        rows=torch.tensor([row for row, _ in members], dtype=torch.long, device=device),
+        a_index=stacked(lambda g: g.a_index),
+        a_offsets=first.a_offsets,
+        a_rank=first.a_rank,
+        b_index=stacked(lambda g: g.b_index),
+        b_offsets=first.b_offsets,
+        b_rank=first.b_rank,
+        b_col=first.b_col,
+    )
+
+
+def _alone(item: ScheduledSeq) -> bool:
+    """A prefill chunk past the start of its prompt attends alone (its context is its own);
+    decodes, verifications and first chunks batch with items of equal query length."""
+    return item.num_tokens - len(item.draft) > 1 and item.seq.num_computed > 0
+
+
+def _model_order(item: ScheduledSeq) -> tuple[bool, int, str, int]:
+    """Batched items by query length (decodes first), then prefill chunks; by adapter within."""
+    alone = _alone(item)
+    return alone, 0 if alone else item.num_tokens, item.seq.adapter_id or "", item.seq.arrival
+
+
+def _block_tables(items: list[ScheduledSeq], dtype: torch.dtype) -> torch.Tensor:
+    """[B, max_blocks] page ids, padded with page 0 (never read past a context length)."""
+    width = max(len(i.seq.block_table) for i in items)
+    table = torch.zeros(len(items), width, dtype=dtype)
+    for b, item in enumerate(items):
+        table[b, : len(item.seq.block_table)] = torch.tensor(item.seq.block_table, dtype=dtype)
+    return table
+
+
+def _step_meta(
+    pool_flat: torch.Tensor,
+    residents: list[ResidentAdapter],
+    segments: Segments,
+    row_slots: list[int],
+    row_align: int,
+) -> LoraStepMeta:
+    """The slots' row tables concatenated, their indices rebased, segments as device tensors."""
+    device = pool_flat.device
+    bases = [0]
+    for r in residents[:-1]:
+        bases.append(bases[-1] + int(r.rows.numel()))
+
+    def rebased(index: torch.Tensor, base: int) -> torch.Tensor:
+        return torch.where(index >= 0, index + base, index)
+
+    starts = [*segments.starts, segments.ends[-1] if segments.ends else 0]
+    return LoraStepMeta(
+        pool=pool_flat,
+        row_addr=torch.cat([r.rows for r in residents]),
+        a_row=torch.stack([rebased(r.a_row, b) for r, b in zip(residents, bases, strict=True)]),
+        a_rank=torch.stack([r.a_rank for r in residents]),
+        b_row=torch.stack([rebased(r.b_row, b) for r, b in zip(residents, bases, strict=True)]),
+        b_rank=torch.stack([r.b_rank for r in residents]),
+        b_col=torch.stack([r.b_col for r in residents]),
+        seg_start=torch.tensor(starts, dtype=torch.int32, device=device),
+        seg_slot=torch.tensor(segments.slots, dtype=torch.int32, device=device),
+        row_slot=torch.tensor(row_slots, dtype=torch.int32, device=device),
+        max_rank=max(r.max_group_rank for r in residents),
+        row_align=row_align,
+    )

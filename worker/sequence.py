@@ -36,6 +36,33 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+class SpecMethod(enum.StrEnum):
+    """Where draft tokens come from (docs/speculative.md)."""
+
+    NONE = "none"  # plain decoding
+    NGRAM = "ngram"  # prompt lookup: the continuation of the last n-gram's earlier occurrence
+    DRAFT = "draft"  # a small draft model sharing the tokenizer
+
+
+MAX_SPECULATIVE_TOKENS = 16  # γ per step, at most (the API's limit too)
+
+
+@dataclass(frozen=True)
+class SpeculativeParams:
+    """Per-request speculation: method None means the server's default, num_tokens 0 its γ.
+
+    Speculation never changes what is generated (greedy output is token-identical, sampled
+    output keeps the target distribution); it only changes how many tokens a step yields.
+    """
+
+    method: SpecMethod | None = None
+    num_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.num_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}]")
+
+
 class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS or a stop string
     LENGTH = "length"  # max_tokens or the model's context length
@@ -78,8 +105,11 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)  # KV page ids, in order
     num_computed: int = 0  # tokens whose K/V are in the cache
+    waiting_since: int = 0  # scheduler step when it (re)joined the waiting queue
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
+    spec_method: SpecMethod = SpecMethod.NONE  # resolved against the server's default
+    spec_tokens: int = 0  # γ: draft tokens per step, at most
 
     @property
     def token_ids(self) -> list[int]:
@@ -96,12 +126,25 @@ class Sequence:
 
 @dataclass(frozen=True)
 class ScheduledSeq:
-    """One sequence's share of a step."""
+    """One sequence's share of a step: its uncomputed tokens (a chunk), then any draft."""
 
     seq: Sequence
-    num_tokens: int  # new tokens fed this step (1 for a decode, a chunk for a prefill)
+    num_tokens: int  # tokens fed this step: 1 for a decode, a chunk for a prefill, + draft
+    draft: tuple[int, ...] = ()  # proposed tokens to verify after the sequence's own
 
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the end of the sequence's tokens."""
-        return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
+        return self.seq.num_computed + self.num_tokens - len(self.draft) == self.seq.num_tokens
+
+    @property
+    def num_logits(self) -> int:
+        """Rows whose next-token logits are wanted: the last own token's and each draft's."""
+        return 1 + len(self.draft) if self.samples else 0
+
+    @property
+    def input_ids(self) -> list[int]:
+        """The tokens fed this step, [num_tokens]: the uncomputed chunk, then the draft."""
+        start = self.seq.num_computed
+        own = self.seq.token_ids[start : start + self.num_tokens - len(self.draft)]
+        return own + list(self.draft)

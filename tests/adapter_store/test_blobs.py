@@ -173,3 +173,14 @@ def test_upload_and_gc_against_s3(
     assert list(store.list_digests()) == [adapter.digest]
     store.fetch_to(adapter.digest, tmp_path / "worker" / "adapter.safetensors")
     assert (tmp_path / "worker" / "adapter.safetensors").stat().st_size == adapter.size_bytes
+
+
+def test_blob_backends_form_no_import_cycle() -> None:
+    """s3blobs shares blobkeys with blobs and never imports blobs (blobs imports s3blobs
+    lazily in its factory); the factory stays importable from adapter_store.blobs."""
+    import grimp
+
+    graph = grimp.build_graph("adapter_store")
+    assert graph.find_shortest_chain("adapter_store.s3blobs", "adapter_store.blobs") is None
+    assert graph.find_shortest_chain("adapter_store.blobkeys", "adapter_store.blobs") is None
+    assert callable(open_blob_store)

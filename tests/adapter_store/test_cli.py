@@ -150,3 +150,25 @@ def test_console_script_and_env_settings(tmp_path: Path) -> None:
         check=False,
     )
     assert bad.returncode != 0 and "LORAPOOL_MAX_RANK" in bad.stderr
+
+
+def test_a_missing_registry_is_named_and_not_created(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in list(os.environ):
+        if key.startswith("LORAPOOL_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("LORAPOOL_DATA_DIR", str(tmp_path / "data"))
+    for argv in (["list"], ["show", "upper"], ["delete", "upper:1"]):
+        assert_one_line_error(run(capsys, *argv), str(tmp_path / "data" / "registry.sqlite3"))
+    assert not (tmp_path / "data" / "registry.sqlite3").exists()
+    _, _, err = run(capsys, "list")
+    assert "lorapool serve" in err and "lorapool-admin migrate" in err
+
+
+def test_target_is_served_by_the_lorapool_client_only(capsys: pytest.CaptureFixture[str]) -> None:
+    assert_one_line_error(run(capsys, "--target", "127.0.0.1:1", "list"), "lorapool-admin")
+    assert_one_line_error(run(capsys, "--target", "127.0.0.1:1", "gc"), "local registry only")
+    seen: list[str] = []
+    assert main(["--target", "h:1", "show", "x"], remote=lambda a: seen.append(a.ref) or 0) == 0
+    assert seen == ["x"]

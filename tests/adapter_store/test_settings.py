@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from adapter_store.settings import SettingsError, StoreSettings
+from adapter_store.settings import (
+    SettingsError,
+    StoreSettings,
+    default_cache_dir,
+    default_data_dir,
+)
 
 
 def test_defaults_derive_from_the_data_dir(tmp_path: Path) -> None:
@@ -54,3 +59,29 @@ def test_flags_override_and_follow_the_data_dir(tmp_path: Path) -> None:
 def test_bad_values(env: dict[str, str]) -> None:
     with pytest.raises(SettingsError):
         StoreSettings.from_env(env)
+
+
+def test_one_default_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without LORAPOOL_DATA_DIR: the per-user data dir (XDG_DATA_HOME on Linux)."""
+    env = {"XDG_DATA_HOME": str(tmp_path / "share")}
+    monkeypatch.setenv("XDG_DATA_HOME", env["XDG_DATA_HOME"])
+    assert default_data_dir(env) == tmp_path / "share" / "lorapool"
+    assert StoreSettings.from_env(env).data_dir == default_data_dir(env)
+    assert default_data_dir({"LORAPOOL_DATA_DIR": "/d"}) == Path("/d")
+
+
+def test_default_cache_dir_is_shared_with_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.config import default_cache_dir as worker_cache_dir
+
+    monkeypatch.setenv("LORAPOOL_CACHE_DIR", "/cache/here")
+    assert default_cache_dir() == worker_cache_dir() == Path("/cache/here")
+    assert default_cache_dir({}) != Path("/cache/here")
+
+
+def test_missing_sqlite_file(tmp_path: Path) -> None:
+    settings = StoreSettings.from_env({"LORAPOOL_DATA_DIR": str(tmp_path)})
+    assert settings.missing_sqlite_file() == tmp_path / "registry.sqlite3"
+    (tmp_path / "registry.sqlite3").touch()
+    assert settings.missing_sqlite_file() is None
+    pg = StoreSettings.from_env({"LORAPOOL_DATABASE_URL": "postgresql://h/db"})
+    assert pg.missing_sqlite_file() is None

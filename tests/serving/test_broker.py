@@ -10,9 +10,10 @@ import redis
 import redis.asyncio as aioredis
 
 from broker import keys
-from broker.queue import Consumer, DuplicateRequest, Producer, QueueFull, choose_adapter
+from broker.queue import Claimed, Consumer, DuplicateRequest, Producer, QueueFull, choose_adapter
 from broker.results import Outgoing, Publisher, Reader, StartState
 from protos.lorapool.v1 import generation_pb2, queue_pb2
+from tests.serving.fakes import wait_until
 
 
 def job(request_id: str, digest: str = "", ttl_s: float = 60) -> queue_pb2.Job:
@@ -43,6 +44,15 @@ def test_choose_adapter_prefers_held_but_never_starves_the_oldest() -> None:
     assert choose_adapter(ready, {"b"}, now_ms=1600, max_wait_ms=500) == "a"
     assert choose_adapter(ready, set(), now_ms=1100, max_wait_ms=500) == "a"
     assert choose_adapter([], {"b"}, now_ms=0, max_wait_ms=500) is None
+
+
+def test_affinity_tiers_prefer_the_device_then_the_host() -> None:
+    ready = [("a", 1000.0), ("b", 1010.0), ("c", 1020.0), ("d", 1030.0)]
+    tiers = ({"d"}, {"c", "b"}, {"a"})  # device, host, disk
+    assert choose_adapter(ready, tiers, now_ms=1100, max_wait_ms=500) == "d"
+    assert choose_adapter(ready, (set(), {"c", "b"}, set()), now_ms=1100, max_wait_ms=500) == "b"
+    assert choose_adapter(ready, (set(), set(), set()), now_ms=1100, max_wait_ms=500) == "a"
+    assert choose_adapter(ready, tiers, now_ms=1600, max_wait_ms=500) == "a"  # no starvation
 
 
 def test_enqueue_claim_ack_keeps_ready_set_and_depth_exact(redis_url: str) -> None:
@@ -84,13 +94,18 @@ def test_dead_worker_jobs_are_reclaimed_and_dead_lettered(redis_url: str) -> Non
     assert len(dead.claim(set(), 4, 1000)) == 1
     alive = Consumer(client, "alive", limits)
     assert alive.reclaim() == []  # heartbeat still fresh
-    time.sleep(0.3)
+    wait_until(lambda: not client.exists(keys.heartbeat("dead")), "the heartbeat to expire")
     taken = alive.reclaim()
     assert [(c.job.request_id, c.deliveries) for c in taken] == [("r1", 2)]
     other = Consumer(client, "other", limits)
-    time.sleep(0.3)
     assert other.reclaim() == []  # "alive" never heartbeated: only a full sweep sees it
-    again = other.reclaim(full=True)
+    again: list[Claimed] = []
+
+    def sweep() -> bool:  # the takeover guard needs the entry idle a moment first
+        again.extend(other.reclaim(full=True))
+        return bool(again)
+
+    wait_until(sweep, "the full sweep to take the job over")
     assert [c.deliveries for c in again] == [3]
     other.dead_letter(again[0], "too many deliveries")
     assert client.xlen(keys.DEAD) == 1 and int(client.get(keys.TOTAL) or 0) == 0
@@ -149,3 +164,60 @@ def test_begin_reports_cancel_tokens_sent_and_lost(redis_url: str) -> None:
     again = pub.begin("t")
     assert again.state is StartState.TOKENS_SENT and again.sent == 3
     assert pub.begin("gone").state is StartState.LOST
+
+
+def redis_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()  # type: ignore[misc]
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def read_once(url: str, request_id: str) -> list[queue_pb2.Event]:
+    async def run() -> list[queue_pb2.Event]:
+        aclient = aioredis.Redis.from_url(url)
+        events = await Reader(aclient).read(request_id, "0", block_ms=10)
+        await aclient.aclose()
+        return [e for _, e in events]
+
+    return asyncio.run(run())
+
+
+def test_flags_report_abandoned_by_redis_time_and_reads_refresh_it(redis_url: str) -> None:
+    enqueue(redis_url, job("a"), job("c"))
+    client = redis.Redis.from_url(redis_url)
+    pub = Publisher(client, keys.Limits(abandon_after_s=5))
+    assert pub.flags(["a", "c"]) == {}  # enqueue marks the reader seen
+    client.hset(keys.meta("a"), "seen", redis_ms(client) - 6_000)  # a reader gone 6 s
+    client.hset(keys.meta("c"), "seen", redis_ms(client) - 6_000)
+    client.hset(keys.meta("c"), "cancel", 1)
+    assert pub.flags(["a", "c", "gone"]) == {"a": "abandoned", "c": "cancel", "gone": "lost"}
+    read_once(redis_url, "a")  # a gateway reads: seen again
+    assert pub.flags(["a"]) == {}
+    assert abs(int(client.hget(keys.meta("a"), "seen") or 0) - redis_ms(client)) < 60_000
+    client.hset(keys.meta("a"), "seen", redis_ms(client) - 4_000)  # within the 5 s
+    assert pub.flags(["a"]) == {}
+
+
+def test_publish_stamps_the_attempt_on_every_event(redis_url: str) -> None:
+    enqueue(redis_url, job("r"))
+    client = redis.Redis.from_url(redis_url)
+    pub = Publisher(client)
+    start = pub.begin("r")
+    delta = queue_pb2.Event(delta=generation_pb2.TokenDelta(seq=1, text="x"))
+    pub.publish([Outgoing("r", start.attempt, delta, 60_000, tokens=1)])
+    assert [e.attempt for e in read_once(redis_url, "r")] == [start.attempt] == [1]
+    assert delta.attempt == 0  # the caller's event is left as it was
+
+
+def test_live_workers_counts_live_heartbeats_in_one_call(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    for name in ("w1", "w2", "w3"):
+        Consumer(client, name, keys.Limits()).heartbeat()
+    Consumer(client, "w3", keys.Limits()).retire()  # registered, heartbeat gone
+
+    async def count() -> int:
+        aclient = aioredis.Redis.from_url(redis_url)
+        n = await Producer(aclient, keys.Limits()).live_workers()
+        await aclient.aclose()
+        return n
+
+    assert asyncio.run(count()) == 2

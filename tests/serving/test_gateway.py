@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import math
 import tarfile
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +20,7 @@ from gateway.registry import AdapterRecord
 from gateway.settings import GatewaySettings
 from protos.lorapool.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
 from tests.serving.certs import make_certs
-from tests.serving.fakes import FakeWorker, GatewayThread, StaticRegistry
+from tests.serving.fakes import FakeWorker, GatewayThread, StaticRegistry, wait_until
 from tests.serving.redis_proc import RedisProcess
 
 API, ADMIN = "api-token", "admin-token"
@@ -59,8 +58,7 @@ def worker(redis_url: str) -> Iterator[FakeWorker]:
     w = FakeWorker(redis_url)
     w.start()
     yield w
-    w.stopping.set()
-    w.join(5)
+    w.halt()
 
 
 def stub(gw: GatewayThread) -> generation_pb2_grpc.GenerationStub:
@@ -169,9 +167,7 @@ def test_cancel_propagates_to_the_worker(
     got = [next(call) for _ in range(3)]
     assert all(r.HasField("delta") for r in got)
     call.cancel()
-    deadline = time.monotonic() + 2
-    while "c-1" not in worker.stopped_early and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: "c-1" in worker.stopped_early, "the worker to stop c-1")
     assert worker.stopped_early == ["c-1"]
 
 
@@ -180,39 +176,41 @@ def test_deadline_exceeded_stops_the_worker(gateway: GatewayThread, worker: Fake
     with pytest.raises(grpc.RpcError) as err:
         generate(gateway, timeout=0.5, text="y" * 200, request_id="d-1")
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    deadline = time.monotonic() + 2
-    while "d-1" not in worker.stopped_early and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: "d-1" in worker.stopped_early, "the worker to stop d-1")
     assert worker.stopped_early == ["d-1"]
 
 
-def test_overload_answers_resource_exhausted_fast(redis_url: str, registry: StaticRegistry) -> None:
+def test_overload_answers_resource_exhausted_at_once(
+    redis_url: str, registry: StaticRegistry
+) -> None:
+    """Past the total bound, requests are refused before any worker has done anything."""
     gw = GatewayThread(
         settings(redis_url, queue_limits=Limits(max_depth_per_adapter=4, max_depth_total=6)),
         registry,
     )
-    w = FakeWorker(redis_url, delay_s=0.002)
+    w = FakeWorker(redis_url, delay_s=0.002, claim=False)  # alive, but claims nothing yet
+    w.start()
     try:
 
-        def one(i: int) -> tuple[str, float]:
-            t0 = time.monotonic()
+        def one(i: int) -> str:
             try:
-                generate(gw, timeout=30, text="abcdefgh", request_id=f"o-{i}")
-                return "ok", time.monotonic() - t0
+                generate(gw, timeout=120, text="abcdefgh", request_id=f"o-{i}")
+                return "ok"
             except grpc.RpcError as exc:
-                return exc.code().name, time.monotonic() - t0  # type: ignore[attr-defined]
+                return exc.code().name  # type: ignore[attr-defined, no-any-return]
 
         with ThreadPoolExecutor(32) as pool:
             futures = [pool.submit(one, i) for i in range(64)]
-            time.sleep(1.0)  # let the queue fill before any worker drains it
-            w.start()
-            results = [f.result() for f in futures]
-        codes = [c for c, _ in results]
-        assert codes.count("ok") >= 4 and codes.count("RESOURCE_EXHAUSTED") >= 32
-        assert set(codes) <= {"ok", "RESOURCE_EXHAUSTED"}
-        assert max(t for c, t in results if c == "RESOURCE_EXHAUSTED") < 1.0
+            # 60 of 64 (past the 4 per adapter) are answered while the worker has not
+            # claimed a single job.
+            wait_until(lambda: sum(f.done() for f in futures) == 60, "60 refusals")
+            assert w.seen == []
+            assert [f.result() for f in futures if f.done()] == ["RESOURCE_EXHAUSTED"] * 60
+            w.claiming.set()
+            codes = [f.result() for f in futures]
+        assert codes.count("ok") == 4 and codes.count("RESOURCE_EXHAUSTED") == 60
     finally:
-        w.stopping.set()
+        w.halt()
         gw.stop()
 
 
@@ -223,16 +221,15 @@ def test_redis_outage_unavailable_fast_then_recovers(
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(gateway.target))
     check = health_pb2.HealthCheckRequest(service="lorapool.v1.Generation")
     redis_proc.stop()
-    t0 = time.monotonic()
+    # A hang would end in DEADLINE_EXCEEDED after the 10 s client timeout, not UNAVAILABLE.
     assert status_of(gateway, text="down") == grpc.StatusCode.UNAVAILABLE
-    assert time.monotonic() - t0 < 2.0
-    time.sleep(0.5)
-    assert health.Check(check, timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    def status() -> object:
+        return health.Check(check, timeout=10).status
+
+    wait_until(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, "NOT_SERVING")
     redis_proc.start()
-    deadline = time.monotonic() + 5
-    while health.Check(check, timeout=5).status != health_pb2.HealthCheckResponse.SERVING:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until(lambda: status() == health_pb2.HealthCheckResponse.SERVING, "SERVING again")
     assert "".join(r.delta.text for r in generate(gateway, text="back")) == "BACK"
 
 
@@ -240,9 +237,8 @@ def test_registry_down_is_unavailable_not_a_hang(
     gateway: GatewayThread, registry: StaticRegistry
 ) -> None:
     registry.down = True
-    t0 = time.monotonic()
+    # The registry hangs for 60 s; the client's 10 s timeout would say DEADLINE_EXCEEDED.
     assert status_of(gateway, text="x", adapter="upper:2") == grpc.StatusCode.UNAVAILABLE
-    assert time.monotonic() - t0 < 5
 
 
 def test_admin_upload_get_delete(gateway: GatewayThread, registry: StaticRegistry) -> None:
@@ -292,12 +288,15 @@ def test_graceful_shutdown_lets_open_streams_finish(
         stopper.result(10)
         assert first.HasField("delta") and rest[-1].HasField("final")
     finally:
-        w.stopping.set()
+        w.halt()
 
 
 def test_settings_refuse_open_non_loopback() -> None:
-    with pytest.raises(ValueError, match="without tokens"):
+    with pytest.raises(ValueError, match="without API tokens"):
         GatewaySettings(listen="0.0.0.0:50051")
+    with pytest.raises(ValueError, match="without API tokens"):  # admin tokens leave Generate open
+        GatewaySettings(listen="0.0.0.0:50051", admin_tokens=("a",))
+    GatewaySettings(listen="0.0.0.0:50051", admin_tokens=("a",), insecure=True)
     GatewaySettings(listen="0.0.0.0:50051", insecure=True)
     GatewaySettings(listen="0.0.0.0:50051", api_tokens=("t",))
     GatewaySettings(listen="[::1]:50051")
@@ -333,8 +332,24 @@ def test_tls_and_mtls(
         plain = generation_pb2_grpc.GenerationStub(grpc.insecure_channel(gw.target))
         with pytest.raises(grpc.RpcError):
             list(plain.Generate(request, metadata=AUTH, timeout=5))
+        _generate_cli_with_mtls(gw.target, c)
     finally:
         gw.stop()
+
+
+def _generate_cli_with_mtls(target: str, c: dict[str, Path]) -> None:
+    """`lorapool generate` presents a client certificate with --tls-cert/--tls-key."""
+    import argparse
+
+    from lorapool import client
+
+    parser = argparse.ArgumentParser()
+    client.add_arguments(parser)
+    token = AUTH[0][1].split()[1]
+    common = ["--raw", "tls", "--target", target, "--tls-ca", str(c["ca_pem"]), "--token", token]
+    with_cert = ["--tls-cert", str(c["client_pem"]), "--tls-key", str(c["client_key"])]
+    assert client.run(parser.parse_args(common + with_cert)) == 0
+    assert client.run(parser.parse_args(common)) == 1 + grpc.StatusCode.UNAVAILABLE.value[0]
 
 
 def test_reflection_lists_the_services(gateway: GatewayThread) -> None:

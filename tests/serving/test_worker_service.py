@@ -2,145 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import pytest
 import redis
 
 from broker import keys
-from broker.queue import Consumer, Producer
-from broker.results import Publisher
-from protos.lorapool.v1 import generation_pb2, queue_pb2
+from tests.serving.test_worker_fakes import (
+    FakeBlobs,
+    ScriptedEngine,
+    ScriptedPublisher,
+    cancel,
+    ended,
+    enqueue,
+    events,
+    outcome,
+    sample,
+    service,
+    ticks,
+    wait_until,
+)
 from worker.metrics import WorkerMetrics
-from worker.sequence import FinishReason, SamplingParams, TokenEvent
-from worker.service import AdapterFetchError, ServiceSettings, WorkerService
-
-
-@dataclass
-class Stats:
-    running: int
-    free_pages: int
-
-
-@dataclass
-class ScriptedEngine:
-    """One token per request per step ('a', 'b', ...); max_tokens ends it."""
-
-    live: dict[str, list[Any]] = field(default_factory=dict)
-    cancelled: list[str] = field(default_factory=list)
-    added: list[str] = field(default_factory=list)
-    adapters: dict[str, Path] = field(default_factory=dict)
-    pending: list[TokenEvent] = field(default_factory=list)
-
-    def register_adapter(self, adapter_id: str, source: Path) -> None:
-        self.adapters[adapter_id] = source
-
-    def add_request(
-        self, request_id: str, prompt: Any, sampling: SamplingParams, adapter_id: str | None = None
-    ) -> None:
-        if prompt == "bad":
-            raise ValueError("prompt is too long")
-        self.added.append(request_id)
-        self.live[request_id] = [0, sampling.max_tokens]
-
-    def cancel(self, request_id: str) -> None:
-        if self.live.pop(request_id, None) is not None:
-            self.cancelled.append(request_id)
-            self.pending.append(TokenEvent(request_id, [], "", FinishReason.CANCELLED))
-
-    def step(self) -> list[TokenEvent]:
-        events, self.pending = self.pending, []
-        for rid, state in list(self.live.items()):
-            state[0] += 1
-            done = state[0] >= state[1]
-            reason = FinishReason.LENGTH if done else None
-            events.append(
-                TokenEvent(rid, [state[0]], chr(96 + state[0]), reason, None, 3, state[0])
-            )
-            if done:
-                del self.live[rid]
-        return events
-
-    def has_unfinished(self) -> bool:
-        return bool(self.live or self.pending)
-
-    def stats(self) -> Stats:
-        return Stats(len(self.live), 100 - len(self.live))
-
-
-def enqueue(
-    url: str, rid: str, digest: str = "", max_tokens: int = 3, text: str = "hi", ttl_s: float = 60
-) -> None:
-    now = int(time.time() * 1000)
-    request = generation_pb2.GenerateRequest(
-        text=text, sampling=generation_pb2.SamplingParams(max_tokens=max_tokens)
-    )
-    job = queue_pb2.Job(
-        request_id=rid,
-        request=request,
-        adapter_digest=digest,
-        enqueued_ms=now,
-        deadline_ms=now + int(ttl_s * 1000),
-    )
-
-    async def run() -> None:
-        client = keys.async_client(url, 2)
-        producer = Producer(client, keys.Limits())
-        await producer.enqueue(job, now)
-        if rid.startswith("cancel"):
-            await producer.cancel(rid)
-        await client.aclose()
-
-    asyncio.run(run())
-
-
-def service(
-    url: str, name: str = "w", engine: ScriptedEngine | None = None, **limits: Any
-) -> WorkerService:
-    client = redis.Redis.from_url(url)
-    fetched: list[str] = []
-
-    def fetch(digest: str) -> Path:
-        if digest == "broken":
-            raise AdapterFetchError("adapter broken could not be fetched: digest mismatch")
-        fetched.append(digest)
-        return Path("/blobs") / digest
-
-    settings = ServiceSettings(
-        flags_interval_s=0, reclaim_interval_s=0, idle_sleep_s=0, drain_s=0.5
-    )
-    return WorkerService(
-        engine or ScriptedEngine(),
-        Consumer(client, name, keys.Limits(**limits)),
-        Publisher(client),
-        fetch,
-        settings,
-        WorkerMetrics(),
-    )
-
-
-def events(url: str, rid: str) -> list[queue_pb2.Event]:
-    entries = redis.Redis.from_url(url).xrange(keys.results(rid))
-    return [keys.decode_event(fields[b"ev"]) for _, fields in entries]
-
-
-def outcome(url: str, rid: str) -> tuple[str, int]:
-    """The text streamed and the terminal code (0: finished normally)."""
-    evs = events(url, rid)
-    text = "".join(e.delta.text for e in evs if e.HasField("delta"))
-    terminal = [e for e in evs if e.WhichOneof("kind") != "delta"]
-    assert len(terminal) == 1, evs
-    return text, terminal[0].failure.code if terminal[0].HasField("failure") else 0
-
-
-def ticks(svc: WorkerService, n: int = 10) -> None:
-    for _ in range(n):
-        svc.tick()
 
 
 def test_jobs_stream_in_order_and_are_acked(redis_url: str) -> None:
@@ -152,11 +33,9 @@ def test_jobs_stream_in_order_and_are_acked(redis_url: str) -> None:
     assert outcome(redis_url, "r1") == ("abc", 0) and outcome(redis_url, "r2") == ("abcde", 0)
     assert [e.delta.seq for e in events(redis_url, "r2")[:-1]] == [1, 2, 3, 4, 5]
     final = events(redis_url, "r2")[-1].final
-    assert (
-        final.completion_tokens == 5 and final.finish_reason == generation_pb2.FINISH_REASON_LENGTH
-    )
+    assert final.completion_tokens == 5 and final.finish_reason == 2  # FINISH_REASON_LENGTH
     assert int(redis.Redis.from_url(redis_url).get(keys.TOTAL) or 0) == 0
-    assert svc.held == {keys.BASE, "d1"}
+    assert svc.feed.held == {"d1"}
 
 
 def test_cancelled_expired_and_invalid_jobs_never_run(redis_url: str) -> None:
@@ -178,17 +57,37 @@ def test_cancel_while_running_stops_the_engine(redis_url: str) -> None:
     engine = ScriptedEngine()
     svc = service(redis_url, engine=engine)
     ticks(svc, 3)
-
-    async def cancel() -> None:
-        client = keys.async_client(redis_url, 2)
-        await Producer(client, keys.Limits()).cancel("run")
-        await client.aclose()
-
-    asyncio.run(cancel())
+    cancel(redis_url, "run")
     ticks(svc, 2)
     assert engine.cancelled == ["run"]
     text, code = outcome(redis_url, "run")
     assert code == keys.Code.CANCELLED and 2 <= len(text) <= 4
+
+
+def test_an_abandoned_job_stops_like_a_cancel(redis_url: str) -> None:
+    """Nobody reads its results (the gateway's cancel was lost): cancelled in the engine at
+    once, ended CANCELLED, acked, and counted as abandoned, not as lost."""
+    enqueue(redis_url, "orphan", max_tokens=10_000)
+    enqueue(redis_url, "parked", "never")
+    enqueue(redis_url, "other", max_tokens=5)
+    engine, metrics = ScriptedEngine(), WorkerMetrics()
+    publisher = ScriptedPublisher(redis.Redis.from_url(redis_url), {})
+    svc = service(redis_url, engine=engine, publisher=publisher, metrics=metrics)
+    ticks(svc, 3)
+    publisher.forced.update(orphan="abandoned", parked="abandoned")
+    ticks(svc, 3)
+    assert engine.cancelled == ["orphan"] and "parked" not in engine.added
+    assert outcome(redis_url, "orphan")[1] == keys.Code.CANCELLED
+    assert outcome(redis_url, "parked") == ("", keys.Code.CANCELLED)
+    ticks(svc, 3)
+    assert outcome(redis_url, "other") == ("abcde", 0)
+    assert sample(metrics, "lorapool_worker_jobs_total", outcome="abandoned") == 2
+    assert sample(metrics, "lorapool_worker_jobs_total", outcome="lost") == 0
+    assert int(redis.Redis.from_url(redis_url).get(keys.TOTAL) or 0) == 0  # all acked
+
+
+def _heartbeat_gone(url: str, worker: str) -> bool:
+    return not redis.Redis.from_url(url).exists(keys.heartbeat(worker))
 
 
 def test_dead_worker_jobs_retry_or_end_retryable(redis_url: str) -> None:
@@ -200,9 +99,10 @@ def test_dead_worker_jobs_retry_or_end_retryable(redis_url: str) -> None:
     dead.tick()  # claims 'fresh' and streams one token of it too
     enqueue(redis_url, "quiet")
     dead.consumer.claim(set(), 1, 0)  # claimed but never started
-    time.sleep(0.3)
+    wait_until(lambda: _heartbeat_gone(redis_url, "dead"))
     alive = service(redis_url, "alive", heartbeat_ttl_s=0.2)
-    ticks(alive)
+    rids = ("streamed", "fresh", "quiet")
+    wait_until(lambda: all(ended(redis_url, r) for r in rids), alive.tick)
     text, code = outcome(redis_url, "streamed")
     assert (
         code == keys.Code.UNAVAILABLE
@@ -214,28 +114,30 @@ def test_dead_worker_jobs_retry_or_end_retryable(redis_url: str) -> None:
 
 def test_too_many_deliveries_go_to_the_dead_letter_stream(redis_url: str) -> None:
     enqueue(redis_url, "poison")
-    for i in range(4):
-        w = service(redis_url, f"w{i}", heartbeat_ttl_s=0.1, max_deliveries=2)
-        w._claim() if i == 0 else w.consumer.reclaim(full=True)  # each "crashes" after claiming
-        time.sleep(0.15)
-        if events(redis_url, "poison"):
-            break
+    first = service(redis_url, "w0", heartbeat_ttl_s=0.1, max_deliveries=2)
+    first.consumer.heartbeat()
+    first._claim()  # delivery 1, then it "crashes"
+    wait_until(lambda: _heartbeat_gone(redis_url, "w0"))
+    second = service(redis_url, "w1", heartbeat_ttl_s=0.1, max_deliveries=2)
+    second.consumer.heartbeat()
+    wait_until(lambda: bool(second.consumer.reclaim(full=True)))  # delivery 2, "crashes" too
+    wait_until(lambda: _heartbeat_gone(redis_url, "w1"))
     final = service(redis_url, "last", heartbeat_ttl_s=0.1, max_deliveries=2)
-    ticks(final, 2)
+    wait_until(lambda: ended(redis_url, "poison"), final.tick)  # delivery 3: too many
     assert outcome(redis_url, "poison")[1] == keys.Code.INTERNAL
     assert redis.Redis.from_url(redis_url).xlen(keys.DEAD) == 1
 
 
 def test_sigterm_drains_then_hands_back(redis_url: str) -> None:
     enqueue(redis_url, "short", max_tokens=2)
-    enqueue(redis_url, "long", max_tokens=10_000)
+    enqueue(redis_url, "long", max_tokens=1_000_000)
     svc = service(redis_url)
     stop = threading.Event()
     runner = threading.Thread(target=svc.run, args=(stop,))
     runner.start()
-    time.sleep(0.3)
+    wait_until(lambda: ended(redis_url, "short") and bool(events(redis_url, "long")))
     stop.set()
-    runner.join(10)
+    runner.join(60)
     assert not runner.is_alive()
     assert outcome(redis_url, "short") == ("ab", 0)
     _, code = outcome(redis_url, "long")
@@ -246,14 +148,7 @@ def test_sigterm_drains_then_hands_back(redis_url: str) -> None:
 def test_a_cold_adapter_does_not_stall_other_jobs(redis_url: str) -> None:
     enqueue(redis_url, "cold", "slow")
     enqueue(redis_url, "warm")
-    svc = service(redis_url)
-    calls = {"n": 0}
-
-    def slow_fetch(digest: str) -> Path | None:
-        calls["n"] += 1
-        return Path("/blobs/slow") if calls["n"] > 6 else None
-
-    svc.fetch = slow_fetch
+    svc = service(redis_url)  # FakeBlobs: "slow" arrives on its 7th ask
     ticks(svc, 4)
     assert outcome(redis_url, "warm") == ("abc", 0) and not events(redis_url, "cold")
     ticks(svc, 8)
@@ -264,34 +159,25 @@ def test_cancel_while_the_adapter_loads(redis_url: str) -> None:
     enqueue(redis_url, "parked", "never")
     engine = ScriptedEngine()
     svc = service(redis_url, engine=engine)
-    svc.fetch = lambda digest: None
     ticks(svc, 2)
-
-    async def cancel() -> None:
-        client = keys.async_client(redis_url, 2)
-        await Producer(client, keys.Limits()).cancel("parked")
-        await client.aclose()
-
-    asyncio.run(cancel())
+    cancel(redis_url, "parked")
     ticks(svc, 2)
     assert outcome(redis_url, "parked") == ("", keys.Code.CANCELLED) and engine.added == []
 
 
-def test_blob_cache_fetches_in_the_background(tmp_path: Path) -> None:
-    from adapter_store.blobs import LocalBlobStore
-    from worker.__main__ import BlobCache
-
-    store = LocalBlobStore(tmp_path / "store")
-    digest = store.put(b"adapter bytes")
-    seen: list[float] = []
-    cache = BlobCache(store, tmp_path / "cache", seen.append)
-    deadline = time.monotonic() + 5
-    while (path := cache(digest)) is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    assert path.read_bytes() == b"adapter bytes" and len(seen) == 1
-    assert cache(digest) == path  # cached: no second fetch
-    for bad in ("../../etc/passwd", "0" * 64):
-        with pytest.raises(AdapterFetchError):
-            while cache(bad) is None:
-                time.sleep(0.01)
+def test_blobs_in_use_are_pinned_and_evicted_ones_no_longer_held(redis_url: str) -> None:
+    enqueue(redis_url, "running", "d1", max_tokens=10_000)
+    enqueue(redis_url, "waiting", "never")
+    blobs = FakeBlobs()
+    svc = service(redis_url, blobs=blobs)
+    ticks(svc, 3)
+    assert blobs.trims[-1] == {"d1", "never"}  # the active job's blob and the parked one's
+    cancel(redis_url, "running")
+    ticks(svc, 2)
+    assert "d1" not in blobs.trims[-1] and svc.feed.held == {"d1"}
+    blobs.evict = {"d1"}
+    ticks(svc, 1)
+    assert svc.feed.held == set()  # evicted: fetched (and registered) again when needed
+    enqueue(redis_url, "again", "d1")
+    ticks(svc, 5)
+    assert outcome(redis_url, "again") == ("abc", 0) and blobs.asks["d1"] == 2

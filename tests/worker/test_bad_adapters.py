@@ -55,7 +55,7 @@ def _pickle_as_safetensors(tmp: Path, base: Path) -> Path:
 def _one_module(out: Path, module: str, a_shape: tuple[int, int], b_shape: tuple[int, int]) -> Path:
     """A hand-written adapter with one LoRA pair on layer 0's `module`."""
     out.mkdir()
-    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8}
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": [module]}
     (out / "adapter_config.json").write_text(json.dumps(config))
     prefix = f"base_model.model.model.layers.0.self_attn.{module}"
     tensors = {
@@ -74,13 +74,31 @@ def _unknown_module(tmp: Path, base: Path) -> Path:
     return _one_module(tmp / "unknown", "rotary_proj", (4, 64), (64, 4))
 
 
+def _with_config(tmp: Path, base: Path, name: str, **changes: object) -> Path:
+    out = shutil.copytree(_good(tmp, base), tmp / name)
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps(config | changes))
+    return out
+
+
+def _lora_only_bias(tmp: Path, base: Path) -> Path:
+    """Served from a directory before the parsers were one; the registry refused it."""
+    return _with_config(tmp, base, "bias", bias="lora_only")
+
+
+def _fan_in_fan_out(tmp: Path, base: Path) -> Path:
+    return _with_config(tmp, base, "fifo", fan_in_fan_out=True)
+
+
 CASES: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
     "missing": (_missing, "does not exist"),
     "malformed": (_malformed_config, "adapter_config.json is not valid JSON"),
-    "pickle-bin": (_pickle_bin, "adapter_model.bin holds pickle weights"),
-    "pickle-named-safetensors": (_pickle_as_safetensors, "holds pickle data, not safetensors"),
-    "wrong-shape": (_wrong_shape, "do not fit the model"),
-    "unknown-module": (_unknown_module, "target module 'rotary_proj' does not exist"),
+    "pickle-bin": (_pickle_bin, "pickle weights refused (adapter_model.bin)"),
+    "pickle-named-safetensors": (_pickle_as_safetensors, "holds pickle bytes, not safetensors"),
+    "wrong-shape": (_wrong_shape, "has shape [4, 100], the base model needs [4, 64]"),
+    "unknown-module": (_unknown_module, "the base model lacks or that are not served: ['rotary"),
+    "lora-only-bias": (_lora_only_bias, "unsupported adapter feature bias training (bias)"),
+    "fan-in-fan-out": (_fan_in_fan_out, "unsupported adapter feature fan_in_fan_out"),
 }
 
 

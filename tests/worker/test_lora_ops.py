@@ -102,26 +102,3 @@ def test_fused_shrink_with_two_expand_parts_equals_two_projections() -> None:
     lora_ref.sgmv_expand(y, v, segs, [fused])
     torch.testing.assert_close(y[:, :8], 0.5 * x @ a_q.t() @ b_q)
     torch.testing.assert_close(y[:, 8:], 0.5 * x @ a_v.t() @ b_v)
-
-
-def test_bgmv_stacked_matches_float64_and_ignores_idle_slots() -> None:
-    gen = torch.Generator().manual_seed(3)
-    n_in, ranks, outs = 24, (4, 2), (10, 6)
-    cap = 6
-    stack = lora_ref.StackedLora(
-        a=torch.randn(cap, sum(ranks), n_in, generator=gen),
-        b=[torch.randn(cap, r, o, generator=gen) for r, o in zip(ranks, outs, strict=True)],
-        rank_cols=(slice(0, 4), slice(4, 6)),
-        out_cols=(slice(0, 10), slice(10, 16)),
-        high_water=5,  # slot 5 unused; slots 1 and 3 resident but idle in this batch
-    )
-    x = torch.randn(7, n_in, generator=gen)
-    rows, slots = [0, 2, 6], [4, 0, 2]
-    y = torch.randn(7, 16, generator=gen)
-    expected = y.double().clone()
-    for row, slot in zip(rows, slots, strict=True):
-        v = x[row].double() @ stack.a[slot].double().t()
-        expected[row, :10] += v[:4] @ stack.b[0][slot].double()
-        expected[row, 10:] += v[4:] @ stack.b[1][slot].double()
-    lora_ref.bgmv_stacked(x, y, torch.tensor(rows), torch.tensor(slots), stack)
-    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=0)

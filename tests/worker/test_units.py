@@ -1,4 +1,4 @@
-"""Pure pieces on the CPU: page pool, scheduler, sampling, detokenizer."""
+"""Pure pieces on the CPU: page allocator, scheduler, sampling, detokenizer."""
 
 from __future__ import annotations
 
@@ -8,19 +8,19 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from tests.worker.memory_helpers import make_scheduler
 from worker.detokenizer import Detokenizer
-from worker.memory.block_manager import BlockManager
-from worker.memory.page_pool import OutOfPages, PagePool
+from worker.memory.allocator import OutOfPages, PageAllocator
 from worker.sampling import probabilities, sample
-from worker.scheduler import Scheduler, SchedulerLimits
+from worker.scheduler import SchedulerLimits
 from worker.sequence import SamplingParams, Sequence
 
 
-def test_page_pool_is_all_or_nothing_and_checks_frees() -> None:
-    pool = PagePool(4)
-    pages = pool.allocate(3)
+def test_page_allocator_is_all_or_nothing_and_checks_frees() -> None:
+    pool = PageAllocator(4)
+    pages = pool.allocate_kv(3, "a")
     with pytest.raises(OutOfPages):
-        pool.allocate(2)
+        pool.allocate_adapter(2, "b")
     assert pool.num_free == 1
     pool.free(pages)
     assert pool.num_free == 4
@@ -33,7 +33,7 @@ def seq(rid: str, n: int, arrival: int) -> Sequence:
 
 
 def test_scheduler_chunks_prefill_under_the_token_budget() -> None:
-    sched = Scheduler(BlockManager(PagePool(100), 4), SchedulerLimits(8, 10))
+    sched = make_scheduler(100, 4, SchedulerLimits(8, 10))
     sched.add(seq("a", 25, 0))
     sched.add(seq("b", 3, 1))
     first = sched.schedule()
@@ -45,7 +45,7 @@ def test_scheduler_chunks_prefill_under_the_token_budget() -> None:
 
 
 def test_scheduler_preempts_the_newest_when_pages_run_out() -> None:
-    sched = Scheduler(BlockManager(PagePool(4), 4), SchedulerLimits(8, 100))
+    sched = make_scheduler(4, 4, SchedulerLimits(8, 100))
     old, new = seq("old", 8, 0), seq("new", 8, 1)
     sched.add(old)
     sched.add(new)

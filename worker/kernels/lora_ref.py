@@ -1,8 +1,9 @@
 """LoRA ops for mixed-adapter batches: SGMV (segments) and BGMV (one adapter per row).
 
-Torch reference implementations; Triton kernels with the same semantics come later
-and are tested against these. Ranks differ per adapter and nothing is padded to a
-maximum rank: the shrink output is ragged, one tensor per segment (or row group).
+Torch reference implementations over contiguous weights (on the CPU, views of the page
+pool); the paged ops of lora_paged_ref.py and the Triton kernels have the same
+semantics. Ranks differ per adapter and nothing is padded to a maximum rank: the shrink
+output is ragged, one tensor per segment (or row group).
 
 Notation: T tokens, S segments, `in`/`out` the projection's features, r_s the rank of
 segment s's adapter, scale_s its LoRA scale (alpha/r, or alpha/sqrt(r) with rsLoRA).
@@ -124,40 +125,3 @@ def group_rows(row_slots: torch.Tensor) -> tuple[list[int], list[torch.Tensor]]:
             slots.append(int(slot))
             rows.append(torch.nonzero(row_slots == slot).flatten())
     return slots, rows
-
-
-@dataclass
-class StackedLora:
-    """Many adapters' weights for one (layer, fused group, rank signature), by slot.
-
-    Adapters with the same targeted projections and ranks share one stack; an adapter
-    occupies one slot and its FusedLora tensors are views of that slot, so nothing is
-    copied per step. Slots at or above `high_water` are unused.
-    """
-
-    a: torch.Tensor  # [capacity, Σ r_m, in]
-    b: list[torch.Tensor]  # per part: [capacity, r_m, out_m]
-    rank_cols: tuple[slice, ...]  # per part: its columns of the shrink output
-    out_cols: tuple[slice, ...]  # per part: its columns of the fused output
-    high_water: int = 0  # 1 + the highest slot in use
-
-
-def bgmv_stacked(
-    x: torch.Tensor,  # [T, in]
-    y: torch.Tensor,  # [T, fused out], updated in place
-    rows: torch.Tensor,  # [n] long: token rows, each with its own adapter of this stack
-    slots: torch.Tensor,  # [n] long: the stack slot of each row's adapter (distinct)
-    stack: StackedLora,
-) -> None:
-    """BGMV over a whole stack: y[rows[k], part] += (x[rows[k]] A_{slots[k]}ᵀ) B_{slots[k]}.
-
-    One batched matmul over slots [0, high_water) instead of one matmul per row; rows
-    scatter into their slots (zeros elsewhere), so the weights are read in place.
-    """
-    hi = stack.high_water
-    xs = x.new_zeros(hi, 1, x.shape[1])
-    xs[slots, 0] = x[rows]
-    v = torch.bmm(xs, stack.a[:hi].transpose(1, 2))  # [hi, 1, Σ r]
-    for b, rank_cols, out_cols in zip(stack.b, stack.rank_cols, stack.out_cols, strict=True):
-        out = torch.bmm(v[:, :, rank_cols], b[:hi])  # [hi, 1, out_m]
-        y[:, out_cols].index_add_(0, rows, out[slots, 0])

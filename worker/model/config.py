@@ -8,8 +8,11 @@ from typing import Any
 import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from adapter_store.basemodel import BaseModelSpec
+
 # model_type -> whether q/k/v projections carry a bias. A table, not a chain of ifs;
-# a model_type missing here is refused by name.
+# a model_type missing here is refused by name. The registry accepts exactly these
+# (adapter_store.basemodel.LLAMA_FAMILY; a test keeps the two equal).
 SUPPORTED_MODEL_TYPES: dict[str, bool] = {
     "llama": False,
     "mistral": False,
@@ -44,6 +47,7 @@ class ModelConfig:
     sliding_window: int | None  # attend to at most this many latest positions (Mistral)
     inv_freq: torch.Tensor  # [head_dim / 2] RoPE frequencies after the config's scaling
     rope_attention_scaling: float  # cos/sin multiplier (1.0 except YaRN-style scalings)
+    quantization: str | None = None  # how the projections are stored: None, nf4, fp4, int8
 
     @property
     def q_size(self) -> int:
@@ -53,18 +57,24 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def spec(self) -> BaseModelSpec:
+        """The shape adapters must fit, in the registry's terms (one projection-shape table)."""
+        return BaseModelSpec(
+            architecture=self.model_type,
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            vocab_size=self.vocab_size,
+            quantization=self.quantization,
+        )
+
     def projection_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each linear projection a LoRA may target."""
-        h, i = self.hidden_size, self.intermediate_size
-        return {
-            "q_proj": (h, self.q_size),
-            "k_proj": (h, self.kv_size),
-            "v_proj": (h, self.kv_size),
-            "o_proj": (self.q_size, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }
+        return self.spec.module_shapes()
 
     def fused_columns(self, group: str) -> dict[str, slice]:
         """Columns of each projection inside its group's fused output."""
