@@ -19,3 +19,19 @@ if not torch.cuda.is_available():
             "triton was imported before tests/conftest.py could set TRITON_INTERPRET"
         )
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_unconfigure(config: object) -> None:
+    """A test that leaks a non-daemon thread (a worker loop whose stop was never set) would
+    keep the interpreter alive after the summary, and CI would time out with every test
+    green. Wait for such threads a while, then name them and end the process with an error."""
+    import threading
+
+    leaked = [t for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+    for thread in leaked:
+        thread.join(30)
+    alive = [t.name for t in leaked if t.is_alive()]
+    if alive:
+        sys.stderr.write(f"\ntests leaked non-daemon threads that never ended: {alive}\n")
+        sys.stderr.flush()
+        os._exit(3)

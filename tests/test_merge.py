@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from adapter_store.quantconfig import BaseQuantization
 from lorapool.admin import main
 from lorapool.merge import MergeError, qlora_quantization
+from tests.bnb_reference import without_cpu_bf16_kernel
 from tests.worker.test_model_parity import LOGIT_ATOL, record_logits
 from worker.config import EngineConfig, default_cache_dir
 from worker.engine import Engine
@@ -60,8 +61,10 @@ def tokens(seed: int, rows: int, length: int = 16) -> torch.Tensor:  # [rows, le
 
 
 def nf4_model(base: Path) -> Any:
-    return AutoModelForCausalLM.from_pretrained(
-        str(base), quantization_config=NF4, device_map="cpu", dtype=torch.float32
+    return without_cpu_bf16_kernel(
+        AutoModelForCausalLM.from_pretrained(
+            str(base), quantization_config=NF4, device_map="cpu", dtype=torch.float32
+        )
     )
 
 

@@ -167,7 +167,11 @@ class BlobCache:
     def _harvest(self, digest: str, future: Future[int]) -> None:
         del self._fetching[digest]
         try:
-            self._add(digest, future.result())
+            size = future.result()
+            # get() may have indexed the file already (it was linked into place before the
+            # future completed): re-adding would move it to the most-recently-used end.
+            if digest not in self._index:
+                self._add(digest, size)
             self._failed.pop(digest, None)
         except AdapterFetchError as exc:
             self._fail(digest, f"adapter {digest[:12]}: {exc}", exc)

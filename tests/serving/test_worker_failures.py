@@ -123,18 +123,23 @@ def test_an_engine_failure_hands_back_and_stops_the_process(redis_url: str) -> N
     engine = ScriptedEngine()
     svc = service(redis_url, engine=engine)
     failed: list[BaseException] = []
+    stop = threading.Event()
 
     def run() -> None:
         try:
-            svc.run(threading.Event())
+            svc.run(stop)
         except RuntimeError as exc:
             failed.append(exc)
 
-    runner = threading.Thread(target=run)
+    # daemon, and stopped whatever happens: a failing test must not keep pytest alive
+    runner = threading.Thread(target=run, daemon=True)
     runner.start()
-    wait_until(lambda: bool(events(redis_url, "streaming")))
-    engine.fail_step = True
-    runner.join(60)
+    try:
+        wait_until(lambda: bool(events(redis_url, "streaming")))
+        engine.fail_step = True
+        runner.join(60)
+    finally:
+        stop.set()
     assert not runner.is_alive() and "illegal memory access" in str(failed[0])
     text, code = outcome(redis_url, "streaming")
     assert code == keys.Code.UNAVAILABLE and text  # streamed: ends retryable

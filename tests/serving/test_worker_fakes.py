@@ -60,7 +60,12 @@ class ScriptedEngine:
         return Tier.HOST if adapter_id in self.prefetched else Tier.ABSENT
 
     def add_request(
-        self, request_id: str, prompt: Any, sampling: SamplingParams, adapter_id: str | None = None
+        self,
+        request_id: str,
+        prompt: Any,
+        sampling: SamplingParams,
+        adapter_id: str | None = None,
+        speculative: Any = None,
     ) -> None:
         if prompt == "bad":
             raise ValueError("prompt is too long")

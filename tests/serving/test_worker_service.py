@@ -133,10 +133,13 @@ def test_sigterm_drains_then_hands_back(redis_url: str) -> None:
     enqueue(redis_url, "long", max_tokens=1_000_000)
     svc = service(redis_url)
     stop = threading.Event()
-    runner = threading.Thread(target=svc.run, args=(stop,))
+    # daemon, and stopped whatever happens: a failing test must not keep pytest alive
+    runner = threading.Thread(target=svc.run, args=(stop,), daemon=True)
     runner.start()
-    wait_until(lambda: ended(redis_url, "short") and bool(events(redis_url, "long")))
-    stop.set()
+    try:
+        wait_until(lambda: ended(redis_url, "short") and bool(events(redis_url, "long")))
+    finally:
+        stop.set()
     runner.join(60)
     assert not runner.is_alive()
     assert outcome(redis_url, "short") == ("ab", 0)

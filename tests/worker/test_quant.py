@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from tests.bnb_reference import without_cpu_bf16_kernel
 from tests.worker.test_model_parity import LOGIT_ATOL, record_logits
 from worker.config import EngineConfig
 from worker.engine import Engine
@@ -35,9 +36,10 @@ BNB: dict[str, BitsAndBytesConfig] = {
 
 
 def hf_quantized(path: Path, config: BitsAndBytesConfig) -> Any:
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         str(path), quantization_config=config, device_map="cpu", dtype=torch.float32
-    ).eval()
+    )
+    return without_cpu_bf16_kernel(model).eval()
 
 
 def compare_to_hf(engine: Engine, hf: Any) -> None:

@@ -12,6 +12,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from tests.bnb_reference import without_cpu_bf16_kernel
 from tests.worker.adapters import make_adapter
 from tests.worker.test_model_parity import record_logits
 from worker.config import EngineConfig
@@ -48,8 +49,10 @@ def peft_nf4(smollm2_dir: Path, adapter_dirs: dict[str, Path]) -> Any:
     nf4 = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
     )
-    base = AutoModelForCausalLM.from_pretrained(
-        str(smollm2_dir), quantization_config=nf4, device_map="cpu", dtype=torch.float32
+    base = without_cpu_bf16_kernel(
+        AutoModelForCausalLM.from_pretrained(
+            str(smollm2_dir), quantization_config=nf4, device_map="cpu", dtype=torch.float32
+        )
     )
     names = list(adapter_dirs)
     model = PeftModel.from_pretrained(base, str(adapter_dirs[names[0]]), adapter_name=names[0])

@@ -212,7 +212,7 @@ def test_stops_land_exactly_where_plain_decoding_stops_mid_acceptance(
         at = len(plain_text) // 2
         sampling = SamplingParams(max_tokens=32, ignore_eos=True, stop=(plain_text[at : at + 3],))
     else:
-        sampling = SamplingParams(max_tokens=13, ignore_eos=True)
+        sampling = SamplingParams(max_tokens=10, ignore_eos=True)  # inside the second step
     draft = dict(
         speculative="draft",
         draft_model=str(windowed),

@@ -58,7 +58,8 @@ def test_greedy_smollm2_with_speculation_is_token_identical(
     assert got == plain
     stats = engine.stats()
     assert stats.spec_proposed > 0
-    if proposer == "ngram":  # the prompts' texts are copied: long drafts accepted
-        assert stats.spec_accepted > 0 and stats.spec_tokens_per_step > 1.2
+    if proposer == "ngram":  # the prompts' texts are copied: drafts are accepted, and some
+        # steps emit several tokens (how many depends on the adaptive γ over a batch of 9)
+        assert stats.spec_accepted > 0 and stats.spec_tokens_per_step > 1.0
     assert {adapter for adapter, _ in stats.spec_by_adapter} == {"", "upper", "json"}
     assert stats.kv_pages == 0  # target and draft pages all back
