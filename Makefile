@@ -37,10 +37,13 @@ test: setup lint typecheck imports pytest
 serve: setup
 	$(BIN)/lorapool serve
 
+# As modules: run as a file, bench/ would lead sys.path and bench/kernels.py would shadow
+# the `kernels` package transformers probes for.
 bench: setup
-	$(BIN)/python bench/engine.py
-	$(BIN)/python bench/scaling.py
-	$(BIN)/python bench/serving.py
+	$(BIN)/python -m bench.engine
+	$(BIN)/python -m bench.scaling
+	$(BIN)/python -m bench.speculative
+	$(BIN)/python -m bench.serving
 
 # The docker-compose stack built and run for real (needs Docker and minutes; not in `make test`).
 .PHONY: compose-test

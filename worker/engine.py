@@ -39,6 +39,7 @@ from worker.runner import ModelRunner
 from worker.scheduler import Scheduler, SchedulerLimits
 from worker.sequence import (
     FinishReason,
+    NotServedHere,
     SamplingParams,
     Sequence,
     SpecMethod,
@@ -187,11 +188,15 @@ class Engine:
             self.adapters.prefetch(adapter_id)  # the host load starts now, in the background
 
     def _speculation(self, asked: SpeculativeParams) -> tuple[SpecMethod, int]:
-        """The request's method and γ, the server's where it did not choose. Without a draft
-        model here, DRAFT falls back to n-gram lookup (what is generated is the same)."""
+        """The request's method and γ, the server's where it did not choose. A request that
+        asks for a draft model where this engine has none is refused, not quietly served
+        another way (the server's own default is checked when the engine starts)."""
         method = asked.method or SpecMethod(self.config.speculative)
         if method is SpecMethod.DRAFT and self.speculator.draft is None:
-            method = SpecMethod.NGRAM
+            raise NotServedHere(
+                "speculative method 'draft' asked, but this worker has no draft model "
+                "(start it with --draft-model, or ask for ngram)"
+            )
         return method, asked.num_tokens or self.config.num_speculative_tokens
 
     def cancel(self, request_id: str) -> None:

@@ -15,7 +15,7 @@ from protos.lorapool.v1 import generation_pb2, queue_pb2
 from protos.lorapool.v1.generation_pb2 import FINISH_REASON_LENGTH, FINISH_REASON_STOP
 from worker.blob_cache import AdapterFetchError
 from worker.metrics import BASE
-from worker.sequence import FinishReason, TokenEvent
+from worker.sequence import FinishReason, NotServedHere, TokenEvent
 
 FINISH = {FinishReason.STOP: FINISH_REASON_STOP, FinishReason.LENGTH: FINISH_REASON_LENGTH}
 
@@ -42,6 +42,7 @@ FLAGS = {"cancel": CANCELLED, "abandoned": ABANDONED, "lost": LOST}
 # Exceptions that end one job as it starts → its status code; anything else is INTERNAL.
 FAILURES: tuple[tuple[type[Exception], Code], ...] = (
     (AdapterFetchError, Code.FAILED_PRECONDITION),  # blob not fetched, malformed, refused
+    (NotServedHere, Code.FAILED_PRECONDITION),  # valid, but not servable by this worker
     (ValueError, Code.INVALID_ARGUMENT),  # the engine refuses the request (prompt too long)
 )
 

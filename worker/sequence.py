@@ -63,6 +63,11 @@ class SpeculativeParams:
             raise ValueError(f"num_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}]")
 
 
+class NotServedHere(Exception):
+    """A valid request this engine cannot serve as asked (a draft-model speculation on a
+    worker started without a draft model): FAILED_PRECONDITION, never a silent change."""
+
+
 class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS or a stop string
     LENGTH = "length"  # max_tokens or the model's context length

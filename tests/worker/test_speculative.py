@@ -17,13 +17,15 @@ import pytest
 import torch
 
 from adapter_store.basemodel import BaseModelSpec
-from broker.keys import decode_speculative
+from broker.keys import Code, decode_speculative
 from protos.lorapool.v1 import generation_pb2
 from tests.adapter_store.builders import write_lora
 from worker.config import EngineConfig
 from worker.engine import Engine
+from worker.jobs import failure_of
 from worker.sequence import (
     FinishReason,
+    NotServedHere,
     SamplingParams,
     ScheduledSeq,
     SpecMethod,
@@ -297,7 +299,6 @@ def test_request_options_override_the_server_default(windowed: Path) -> None:
     cases = [
         ("none", SpeculativeParams(SpecMethod.NGRAM, 2), 2),  # asked for: lookup, γ 2
         ("ngram", SpeculativeParams(SpecMethod.NONE), 0),  # asked not to
-        ("ngram", SpeculativeParams(SpecMethod.DRAFT, 3), 3),  # no draft model: lookup
         ("ngram", None, 5),  # the server's default method and γ
     ]
     for default, asked, gamma in cases:
@@ -311,6 +312,19 @@ def test_request_options_override_the_server_default(windowed: Path) -> None:
         else:
             (t,) = totals.values()
             assert t.proposed <= gamma * t.verified and t.proposed > (gamma - 1) * t.verified
+
+
+def test_a_draft_asked_of_a_worker_without_one_is_failed_precondition(windowed: Path) -> None:
+    """Not a silent fall-back to another method: the job ends FAILED_PRECONDITION, saying
+    why, and the engine is left as it was."""
+    e = engine(windowed, speculative="ngram")
+    prompt = repeating_prompts(windowed, 1, seed=5)[0]
+    with pytest.raises(NotServedHere, match="no draft model") as refused:
+        e.add_request("r", prompt, GREEDY, None, SpeculativeParams(SpecMethod.DRAFT, 3))
+    assert failure_of(refused.value)[0] == Code.FAILED_PRECONDITION
+    assert not e.has_unfinished()
+    e.add_request("r", prompt, GREEDY)  # the same id is free: nothing was half-registered
+    assert e.has_unfinished()
 
 
 def test_the_broker_decodes_speculative_options() -> None:
