@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.labels import AdapterLabels
+from gateway.labels import OTHER, AdapterLabels
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -75,6 +75,7 @@ class GatewayMetrics:
         self.task_errors = Counter(
             "lorapool_gateway_background_task_errors", "Background tasks that failed", registry=r
         )
+        self._top_adapters = top_adapters
         self.adapters = AdapterLabels(top_adapters, self._forget_adapter)
 
     def _adapter_series(self, r: CollectorRegistry) -> None:
@@ -125,6 +126,12 @@ class GatewayMetrics:
         self.registry.register(PoolCollector(name, pool))
 
     def set_depths(self, depths: dict[str, int]) -> None:
+        """One series per queue (its adapter digest) for the `top_adapters` deepest queues;
+        the rest add up under `other`, so thousands of adapters make a bounded label set."""
         self.queue_depth.clear()
-        for adapter, depth in depths.items():
+        ranked = sorted(depths.items(), key=lambda item: (-item[1], item[0]))
+        for adapter, depth in ranked[: self._top_adapters]:
             self.queue_depth.labels(adapter=adapter).set(depth)
+        rest = ranked[self._top_adapters :]
+        if rest:
+            self.queue_depth.labels(adapter=OTHER).set(sum(depth for _, depth in rest))

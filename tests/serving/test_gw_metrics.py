@@ -127,3 +127,22 @@ def test_an_evicted_adapter_loses_its_series() -> None:
     assert m.registry.get_sample_value(REQUESTS, {"adapter": "a:1", "outcome": "ok"}) is None
     tokens = "lorapool_gateway_output_tokens_total"
     assert m.registry.get_sample_value(tokens, {"adapter": "a:1"}) is None
+
+
+def test_queue_depth_series_are_capped_with_the_rest_as_other() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from gateway.metrics import GatewayMetrics
+
+    registry = CollectorRegistry()
+    metrics = GatewayMetrics(registry, top_adapters=2)
+    metrics.set_depths({f"{i:064x}": i for i in range(1, 1001)})  # 1000 queues
+    series = {
+        s.labels["adapter"]: s.value
+        for family in registry.collect()
+        if family.name == "lorapool_queue_depth"
+        for s in family.samples
+    }
+    assert series == {f"{1000:064x}": 1000, f"{999:064x}": 999, "other": sum(range(1, 999))}
+    metrics.set_depths({"a" * 64: 3})  # the queues drained: old series go
+    assert registry.get_sample_value("lorapool_queue_depth", {"adapter": "other"}) is None
