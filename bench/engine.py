@@ -10,7 +10,9 @@ Cases, all measured here in the same process so their ratios are comparable:
   tok_s_lora_distinct_nf4  the same 32 adapters, unmerged, on the NF4 base
 with base_bytes_fp32 / base_bytes_nf4 (the weights on the device), lora_tax_nf4, and
 nf4_vs_fp32 (NF4 base tokens/s over fp32's: below 1 where bitsandbytes' CPU path, which
-dequantizes every weight on every step, is slower than the fp32 matmul).
+dequantizes every weight on every step, is slower than the fp32 matmul), and
+lora_tax_ceiling: the base decode step's time over that time plus the adapters' bytes
+(lora_bytes_per_step) at the copy bandwidth measured here (copy_bandwidth_gb_s).
 Writes bench/results/engine.json.
 """
 
@@ -92,6 +94,18 @@ def run_hf(model: Any, tok: Any, chats: list[Any], new: int, **kwargs: Any) -> i
     return int((out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0])
 
 
+def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Bytes per second moved by a large tensor copy (read + write), best of `repeats`."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=32)
@@ -131,6 +145,19 @@ def main() -> int:
         results = {name: max(values) for name, values in runs.items()}
         results["base_bytes_fp32"] = weight_bytes(engine.model)
         results["base_bytes_nf4"] = weight_bytes(nf4.model)
+        results["lora_bytes_per_step"] = sum(
+            p.numel() * p.element_size()
+            for name, p in peft_model.named_parameters()
+            if "lora_" in name
+        )
+    # The bytes ceiling of lora_tax: a decode step that must also read every adapter's
+    # weights once, at the machine's copy bandwidth, on top of the base step's time.
+    bandwidth = copy_bandwidth()
+    base_step_s = n / results["tok_s_base"]
+    results["copy_bandwidth_gb_s"] = bandwidth / 1e9
+    results["lora_tax_ceiling"] = base_step_s / (
+        base_step_s + results["lora_bytes_per_step"] / bandwidth
+    )
     results["ratio_vs_peft"] = results["tok_s_lora_distinct"] / results["tok_s_peft_mixed"]
     results["lora_tax"] = results["tok_s_lora_distinct"] / results["tok_s_base"]
     results["base_vs_hf"] = results["tok_s_base"] / results["tok_s_hf_base"]
