@@ -8,10 +8,11 @@ whose adapters share one layout (a bucket), each with its own adapter:
     shrink:  v[b, j]   = Σ_i x[b, i] · A_b[j, i]          A_b = table[a_index[b]]  [R, in]
     expand:  y[b, c_m + o] += Σ_j v[b, col_m + j] · B_bm[j, o]     B_bm = table[b_index_m[b]]
 
-One index_select gathers every row's matrix at once (a block that stays in cache) and one
-multiply-reduce applies it: a handful of ops per layer and group for the whole bucket,
-where one small matmul per row cost more in dispatch than in arithmetic. Weights are read
-through the row table: nothing is kept outside the pool, and no layout is padded.
+The shrink gathers every row's A at once and applies it with one bmm; the expand is a
+weighted sum of pool rows, which one embedding_bag computes reading B in place. A handful
+of ops per layer and group for the whole bucket, where one small matmul per row cost more
+in dispatch than in arithmetic. Weights are read through the row table: nothing is kept
+outside the pool, and no layout is padded.
 """
 
 from __future__ import annotations
@@ -41,20 +42,31 @@ def shrink(
     index: torch.Tensor,  # [nb, K] long: table rows of each row's A (K = R · in / γ)
     rank: int,  # R
 ) -> torch.Tensor:  # [nb, R]
+    """One gather of every row's A, then one batched matrix-vector product (no temporary
+    of the product's size: the gather is read once more, by the bmm)."""
     nb, width = x.shape
     a = table.index_select(0, index.reshape(-1)).view(nb, rank, width)
-    return (a * x.unsqueeze(1)).sum(-1)
+    return torch.bmm(a, x.unsqueeze(2)).squeeze(2)
 
 
 def expand(
     table: torch.Tensor,  # [pool elements / γ, γ]
     v: torch.Tensor,  # [nb, r]
-    index: torch.Tensor,  # [nb, K] long: table rows of each row's B (K = r · out / γ)
+    index: torch.Tensor,  # [nb, K] long: table rows of each row's B (K = r · out / γ),
+    #                       chunk-major per row: index[b, c · r + j] holds B_b[j, cγ:(c+1)γ]
     out_width: int,
 ) -> torch.Tensor:  # [nb, out]: Σ_j v[b, j] · B_b[j, :]
+    """A weighted sum of pool rows, which embedding_bag computes in place: bag (b, c) sums
+    table[index[b, c · r + j]] · v[b, j] over j. B is read once, straight from the pool;
+    nothing of B's size is gathered or multiplied out."""
     nb, rank = v.shape
-    b = table.index_select(0, index.reshape(-1)).view(nb, rank, out_width)
-    return (b * v.unsqueeze(2)).sum(1)
+    chunks = out_width // table.shape[1]
+    bags = index.reshape(nb * chunks, rank)
+    weights = v.unsqueeze(1).expand(nb, chunks, rank).reshape(nb * chunks, rank)
+    summed = torch.nn.functional.embedding_bag(
+        bags, table, mode="sum", per_sample_weights=weights.contiguous()
+    )
+    return summed.view(nb, out_width)
 
 
 def apply(

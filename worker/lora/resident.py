@@ -189,7 +189,8 @@ def _write(
 def gather_tables(
     specs: list[MatrixSpec], addresses: list[int], shape: ModelShape, device: torch.device
 ) -> GatherTables:
-    """Every matrix's table rows: row address / γ, then the w / γ table rows of each row."""
+    """Every matrix's table rows (row address / γ + chunk): an A's row by row, a B's chunk
+    by chunk (worker/kernels/lora_gather.py says why)."""
     granule, layers = shape.granule, shape.num_layers
     a_parts: list[list[list[int]]] = [[[] for _ in range(layers)] for _ in GROUPS]
     b_parts: list[list[list[int]]] = [[[] for _ in range(layers)] for _ in PROJECTIONS]
@@ -200,10 +201,11 @@ def gather_tables(
     for spec in specs:
         chunks = spec.width // granule
         rows = addresses[first : first + spec.rows]
-        flat = [a // granule + c for a in rows for c in range(chunks)]
-        if spec.proj < 0:
+        if spec.proj < 0:  # A: row-major (row j's chunks together), for a gather + bmm
+            flat = [a // granule + c for a in rows for c in range(chunks)]
             a_parts[spec.group][spec.layer], a_rank[spec.group][spec.layer] = flat, spec.rows
-        else:
+        else:  # B: chunk-major (chunk c of every row together), one embedding_bag bag each
+            flat = [a // granule + c for c in range(chunks) for a in rows]
             b_parts[spec.proj][spec.layer], b_rank[spec.proj][spec.layer] = flat, spec.rows
             b_col[spec.proj][spec.layer] = spec.rank_col
         first += spec.rows
