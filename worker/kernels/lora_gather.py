@@ -87,6 +87,7 @@ def apply(
     start, stop = bucket.a_offsets[group][layer], bucket.a_offsets[group][layer + 1]
     xs = x.index_select(0, bucket.rows)  # [nb, in]
     v = shrink(table, xs, index[:, start:stop], rank)  # [nb, R]
+    deltas: list[tuple[slice, torch.Tensor]] = []
     for p, cols in zip(projections, out_cols, strict=True):
         r = bucket.b_rank[p][layer]
         b_index = bucket.b_index[p]
@@ -95,4 +96,10 @@ def apply(
         lo, hi = bucket.b_offsets[p][layer], bucket.b_offsets[p][layer + 1]
         col = bucket.b_col[p][layer]
         delta = expand(table, v[:, col : col + r], b_index[:, lo:hi], cols.stop - cols.start)
-        y[:, cols].index_add_(0, bucket.rows, delta)
+        deltas.append((cols, delta))
+    # Every projection of the group (their columns tile y's): one scatter of whole rows.
+    if len(deltas) == len(out_cols) and out_cols[-1].stop == y.shape[1]:
+        y.index_add_(0, bucket.rows, torch.cat([d for _, d in deltas], dim=1))
+    else:
+        for cols, delta in deltas:
+            y[:, cols].index_add_(0, bucket.rows, delta)
