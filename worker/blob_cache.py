@@ -191,14 +191,17 @@ class BlobCache:
         try:
             self._blobs.fetch_to(digest, tmp)  # verifies the sha256
             check_blob(tmp)
+            size = tmp.stat().st_size
+            # Observed before the link: once the file is in place, get() may hand it out
+            # before this future completes, and the fetch must already be on record.
+            self._observe(time.perf_counter() - t0)
             try:
                 os.link(tmp, self.path(digest))  # never replaces a neighbour's pinned copy
             except FileExistsError:
                 pass  # a neighbour fetched the same bytes first
         finally:
             tmp.unlink(missing_ok=True)
-        self._observe(time.perf_counter() - t0)
-        return self.path(digest).stat().st_size
+        return size
 
     def _pin(self, digest: str) -> bool:
         """Hold a shared flock on the blob's file; False when it is not there to hold."""
