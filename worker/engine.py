@@ -10,8 +10,6 @@ run on background threads (the host tier); the step never waits on one.
 from __future__ import annotations
 
 import itertools
-import json
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,13 +25,12 @@ from worker.drafting import draft_proposer, load_draft
 from worker.lora.adapter import load_host_adapter
 from worker.lora.host_cache import HostCache, Loader
 from worker.lora.manager import AdapterManager, Tier
-from worker.lora.resident import ModelShape
+from worker.lora.resident import model_shape
 from worker.memory.block_manager import BlockManager
 from worker.memory.geometry import PageGeometry
 from worker.memory.pool import MemoryPool
-from worker.model.config import FUSED_GROUPS
 from worker.model.llama import LlamaModel
-from worker.model.loader import load_model, load_tokenizer, resolve_dtype
+from worker.model.loader import eos_ids, load_model, load_tokenizer, resolve_dtype
 from worker.model.source import resolve_model_dir
 from worker.runner import ModelRunner
 from worker.scheduler import Scheduler, SchedulerLimits
@@ -113,11 +110,11 @@ class Engine:
             pin=model.device.type == "cuda",
         )
         host = HostCache(loader, config.host_cache_mb * 2**20)
-        self.adapters = AdapterManager(self.pool, model_shape(model), host)
+        self.adapters = AdapterManager(self.pool, model_shape(model.config), host)
         self.blocks = BlockManager(self.pool.allocator, config.page_size)
         draft = None
         if draft_model is not None:
-            shape = model_shape(draft_model)
+            shape = model_shape(draft_model.config)
             draft = draft_proposer(draft_model, model, self.pool, shape, self.adapters.get)
         self.scheduler = Scheduler(
             self.blocks,
@@ -126,10 +123,10 @@ class Engine:
             spare=draft,
         )
         self.runner = ModelRunner(
-            model, self.pool.kv_rows, self.pool.flat, config.page_size, model_shape(model)
+            model, self.pool.kv_rows, self.pool.flat, config.page_size, model_shape(model.config)
         )
         self.max_len = min(config.max_model_len, num_pages * config.page_size)
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_ids(model.config, tokenizer)
         self.speculator = Speculator(
             self.blocks, draft, model.device, self.max_len, config.speculative_adaptive
         )
@@ -389,27 +386,3 @@ def page_geometry(model: LlamaModel, page_tokens: int) -> PageGeometry:
         head_dim=c.head_dim,
         itemsize=torch.empty((), dtype=model.dtype).element_size(),
     )
-
-
-def model_shape(model: LlamaModel) -> ModelShape:
-    c = model.config
-    shapes = c.projection_shapes()
-    widths = (c.hidden_size, c.q_size, c.kv_size, c.intermediate_size)
-    return ModelShape(
-        num_layers=c.num_layers,
-        in_widths=(c.hidden_size, c.q_size, c.hidden_size, c.intermediate_size),
-        out_widths=tuple(shapes[m][1] for m in shapes),
-        out_cols=tuple(tuple(c.fused_columns(g).values()) for g in FUSED_GROUPS),
-        granule=math.gcd(*widths),  # divides every row width, and the page (a multiple of kv)
-    )
-
-
-def _eos_ids(model: LlamaModel, tokenizer: Any) -> frozenset[int]:
-    ids = set(model.config.eos_token_ids)
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    path = Path(getattr(tokenizer, "name_or_path", "")) / "generation_config.json"
-    if path.is_file():
-        eos = json.loads(path.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    return frozenset(ids)

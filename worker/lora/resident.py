@@ -9,6 +9,7 @@ views (the CPU path multiplies them in place); others are gathered when read.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,7 @@ from worker.kernels.lora_ref import ExpandPart
 from worker.lora.adapter import HostAdapter
 from worker.lora.layout import MatrixSpec
 from worker.memory.pool import MemoryPool
+from worker.model.config import FUSED_GROUPS, ModelConfig
 from worker.model.forward_batch import FusedLora
 
 
@@ -30,6 +32,19 @@ class ModelShape:
     out_widths: tuple[int, ...]  # per projection (q, k, v, o, gate, up, down)
     out_cols: tuple[tuple[slice, ...], ...]  # per group: each projection's fused columns
     granule: int = 1  # γ: gcd of every width; every row starts at a multiple of it
+
+
+def model_shape(c: ModelConfig) -> ModelShape:
+    """The adapter row widths of a model with config `c`."""
+    shapes = c.projection_shapes()
+    widths = (c.hidden_size, c.q_size, c.kv_size, c.intermediate_size)
+    return ModelShape(
+        num_layers=c.num_layers,
+        in_widths=(c.hidden_size, c.q_size, c.hidden_size, c.intermediate_size),
+        out_widths=tuple(shapes[m][1] for m in shapes),
+        out_cols=tuple(tuple(c.fused_columns(g).values()) for g in FUSED_GROUPS),
+        granule=math.gcd(*widths),  # divides every row width, and the page (a multiple of kv)
+    )
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ read as stored when the checkpoint is already bitsandbytes-quantized (its config
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -204,3 +205,16 @@ def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 tensors[name] = f.get_tensor(name)
     return tensors
+
+
+def eos_ids(config: ModelConfig, tokenizer: Any) -> frozenset[int]:
+    """Every token id that ends generation: the config's, the tokenizer's, and the
+    model directory's generation_config.json."""
+    ids = set(config.eos_token_ids)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    path = Path(getattr(tokenizer, "name_or_path", "")) / "generation_config.json"
+    if path.is_file():
+        eos = json.loads(path.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return frozenset(ids)
