@@ -38,6 +38,9 @@ class EngineConfig:
     max_lora_rank: int = 128
     quantize: str | None = None  # nf4 | fp4 | int8: the base's projections (bitsandbytes)
     compute_dtype: str = "auto"  # the quantized matmuls' dtype; auto: the model dtype
+    # The CPU's decode LoRA in C (worker/kernels/lora_cpu.c, built into cache_dir/kernels
+    # with the host's compiler); off, or with no compiler, the torch gathers run instead.
+    cpu_kernels: bool = True
     # Speculative decoding (docs/speculative.md): the default of requests that do not choose.
     speculative: str = "none"  # none | ngram | draft
     num_speculative_tokens: int = 5  # γ: draft tokens per step, at most (1..16)

@@ -14,6 +14,7 @@ from dataclasses import replace
 import torch
 
 from worker.config import EngineConfig
+from worker.kernels.lora_cpu import CpuLora
 from worker.lora.resident import ModelShape, ResidentAdapter
 from worker.memory.block_manager import BlockManager
 from worker.memory.draft_kv import DraftGeometry
@@ -54,6 +55,7 @@ def draft_proposer(
     pool: MemoryPool,
     shape: ModelShape,
     adapter_of: Callable[[str], ResidentAdapter],
+    cpu_lora: CpuLora | None = None,
 ) -> DraftProposer:
     """A proposer running `draft` over its own KV blocks in the target's page pool. A draft
     cut from the target (its first layers, the same tensors) runs each sequence's adapter
@@ -68,7 +70,7 @@ def draft_proposer(
         raise ValueError(f"the draft is on {draft.device}, the target on {target.device}")
     geometry = DraftGeometry.fit(pool.geometry, c.num_layers, c.kv_size)
     runner = ModelRunner(
-        draft, geometry.kv_rows(pool.buffer), pool.flat, geometry.block_tokens, shape
+        draft, geometry.kv_rows(pool.buffer), pool.flat, geometry.block_tokens, shape, cpu_lora
     )
     blocks = BlockManager(pool.allocator, geometry.block_tokens)
     own = is_cut_of(draft, target)

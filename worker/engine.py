@@ -22,6 +22,7 @@ import torch
 from worker.config import EngineConfig
 from worker.detokenizer import Detokenizer
 from worker.drafting import draft_proposer, load_draft
+from worker.kernels import lora_cpu
 from worker.lora.adapter import load_host_adapter
 from worker.lora.host_cache import HostCache, Loader
 from worker.lora.manager import AdapterManager, Tier
@@ -113,9 +114,12 @@ class Engine:
         self.adapters = AdapterManager(self.pool, model_shape(model.config), host)
         self.blocks = BlockManager(self.pool.allocator, config.page_size)
         draft = None
+        self.cpu_lora = cpu_lora_kernel(config, model)
         if draft_model is not None:
             shape = model_shape(draft_model.config)
-            draft = draft_proposer(draft_model, model, self.pool, shape, self.adapters.get)
+            draft = draft_proposer(
+                draft_model, model, self.pool, shape, self.adapters.get, self.cpu_lora
+            )
         self.scheduler = Scheduler(
             self.blocks,
             self.adapters,
@@ -123,7 +127,12 @@ class Engine:
             spare=draft,
         )
         self.runner = ModelRunner(
-            model, self.pool.kv_rows, self.pool.flat, config.page_size, model_shape(model.config)
+            model,
+            self.pool.kv_rows,
+            self.pool.flat,
+            config.page_size,
+            model_shape(model.config),
+            self.cpu_lora,
         )
         self.max_len = min(config.max_model_len, num_pages * config.page_size)
         self.eos_ids = eos_ids(model.config, tokenizer)
@@ -386,3 +395,10 @@ def page_geometry(model: LlamaModel, page_tokens: int) -> PageGeometry:
         head_dim=c.head_dim,
         itemsize=torch.empty((), dtype=model.dtype).element_size(),
     )
+
+
+def cpu_lora_kernel(config: EngineConfig, model: LlamaModel) -> lora_cpu.CpuLora | None:
+    """The C decode-LoRA kernel for a float32 model on the CPU, built into the cache."""
+    if not config.cpu_kernels or model.device.type != "cpu" or model.dtype != torch.float32:
+        return None
+    return lora_cpu.load(Path(config.cache_dir) / "kernels")

@@ -7,7 +7,8 @@ chunk comes last and attends alone, so every group is a contiguous slice of toke
 and no sequence is padded to another's query length. Within each part, sequences are ordered by
 adapter so tokens sharing an adapter form segments (SGMV). Everything per step is built
 here, once: the kernel path gets device int32/int64 tensors (LoraStepMeta, block tables, cu_seqlens),
-the CPU path per-group page/offset gathers and views of the adapters' pages.
+the CPU path views of the adapters' pages for segments and the same LoraStepMeta for its
+C kernel's one-row segments (or, without it, per-layout table-row gathers).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from worker.kernels.lora_cpu import CpuLora
 from worker.kernels.lora_gather import GatherBucket
 from worker.kernels.lora_meta import LoraStepMeta
 from worker.kernels.lora_ref import Segments
@@ -33,8 +35,10 @@ class ModelRunner:
         pool_flat: torch.Tensor,
         page_tokens: int,
         shape: ModelShape,
+        cpu_lora: CpuLora | None = None,  # the C kernel for one-row segments (CPU only)
     ) -> None:
         self.model = model
+        self.cpu_lora = cpu_lora if model.device.type == "cpu" else None
         self.kv = kv_rows  # [pages · L · 2 · page_tokens, kv_size]: the pool as KV rows
         self.pool_flat = pool_flat  # [N] the same buffer, flat (adapter rows)
         self.page_tokens = page_tokens
@@ -104,8 +108,29 @@ class ModelRunner:
             one_row = all(e - s == 1 for s, e in zip(segments.starts, segments.ends, strict=True))
             out_cols = self.shape.out_cols
             return LoraBatch(segments, adapters, meta, out_cols=out_cols, decode_only=one_row)
+        if self.cpu_lora is not None and self.pool_flat.dtype == torch.float32:
+            return self._cpu_kernel_batch(segments, adapters, residents, self.cpu_lora)
         buckets = _buckets(segments, adapters, self.model.device)
         return LoraBatch(segments, adapters, None, buckets, self.table, self.shape.out_cols)
+
+    def _cpu_kernel_batch(
+        self,
+        segments: Segments,
+        adapters: list[ResidentAdapter | None],
+        residents: list[ResidentAdapter],
+        kernel: CpuLora,
+    ) -> LoraBatch:
+        """One-row segments (decodes) to the C kernel, taken out of `adapters` in place;
+        longer segments (prefill, verification) stay on the views (one GEMM each)."""
+        kernel_slots = [-1] * (segments.ends[-1] if segments.ends else 0)
+        for i, (start, end) in enumerate(zip(segments.starts, segments.ends, strict=True)):
+            if end - start == 1 and adapters[i] is not None:
+                kernel_slots[start], adapters[i] = segments.slots[i], None
+        if all(s < 0 for s in kernel_slots):
+            return LoraBatch(segments, adapters, None, out_cols=self.shape.out_cols)
+        meta = _step_meta(self.pool_flat, residents, segments, kernel_slots, 1)
+        step = kernel.step(meta, meta.row_slot)
+        return LoraBatch(segments, adapters, meta, out_cols=self.shape.out_cols, rows_op=step)
 
     def _groups(self, batch: list[ScheduledSeq], device: torch.device) -> list[AttentionGroup]:
         """One group per run of batched items of equal query length (the decodes, then each
@@ -172,8 +197,9 @@ def _buckets(
     by_layout: dict[tuple[tuple[int, ...], ...], list[tuple[int, GatherTables]]] = {}
     for i, (start, end) in enumerate(zip(segments.starts, segments.ends, strict=True)):
         adapter = adapters[i]
-        if end - start == 1 and adapter is not None and adapter.gather is not None:
-            by_layout.setdefault(adapter.gather.signature, []).append((start, adapter.gather))
+        if end - start == 1 and adapter is not None:
+            tables = adapter.gather()
+            by_layout.setdefault(tables.signature, []).append((start, tables))
             adapters[i] = None
     return [_bucket(members, device) for members in by_layout.values()]
 

@@ -96,8 +96,12 @@ def test_mixed_batch_matches_peft_alone(
     assert changed >= len(ADAPTERS)  # the adapters really change the output
 
 
-def test_one_row_per_adapter_matches_peft(tmp_path: Path, tiny_model: Any) -> None:
-    """Decode rows of distinct adapters, each its own segment of the page pool; PEFT agrees."""
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["C kernel", "torch gathers"])
+def test_one_row_per_adapter_matches_peft(
+    tmp_path: Path, tiny_model: Any, cpu_kernels: bool
+) -> None:
+    """Decode rows of distinct adapters, each its own segment of the page pool; PEFT agrees,
+    through the CPU's C kernel and through its fallback, the torch gathers."""
     from worker.config import EngineConfig
 
     base = tiny_model("llama")
@@ -107,7 +111,8 @@ def test_one_row_per_adapter_matches_peft(tmp_path: Path, tiny_model: Any) -> No
         f"t{i}": make_adapter(base, tmp_path / f"t{i}", seed=i, std=0.3, **spec)
         for i, spec in enumerate(specs)
     }
-    engine = Engine.from_config(EngineConfig(model=str(base)))
+    engine = Engine.from_config(EngineConfig(model=str(base), cpu_kernels=cpu_kernels))
+    assert (engine.cpu_lora is not None) == cpu_kernels  # this host has a C compiler
     for name, path in dirs.items():
         engine.register_adapter(name, path)
     prompt = [5, 17, 300, 4000, 12]

@@ -86,11 +86,21 @@ class ResidentAdapter:
     b_col: torch.Tensor  # [L, M] int32
     weight_elems: int  # elements of weights (the pages hold page_elems · len(pages))
     max_group_rank: int  # the largest Σ r over one group's projections (shrink output width)
-    gather: GatherTables | None = None  # the CPU path's table rows (worker/kernels/lora_gather)
     placed: dict[tuple[int, int, int], Placed] = field(default_factory=dict)  # (l, g, proj)
     shape: ModelShape | None = None
     pool: MemoryPool | None = None
     _fused: dict[tuple[int, str], FusedLora | None] = field(default_factory=dict, repr=False)
+    _gather: GatherTables | None = field(default=None, repr=False)
+
+    def gather(self) -> GatherTables:
+        """The table rows of the torch gathers (worker/kernels/lora_gather), the CPU path
+        without its C kernel; built on first use."""
+        if self._gather is None:
+            assert self.shape is not None
+            specs = [p.spec for p in sorted(self.placed.values(), key=lambda p: p.first_row)]
+            addresses = self.rows.tolist()
+            self._gather = gather_tables(specs, addresses, self.shape, self.rows.device)
+        return self._gather
 
     def fused(self, layer: int, group: str) -> FusedLora | None:
         """The group's weights for the CPU path: A [Σr, in] and each B [r_m, out_m].
@@ -167,7 +177,6 @@ def page_in(
         b_col=b_col.to(device),
         weight_elems=sum(s.rows * s.width for s in specs),
         max_group_rank=max(s.rows for s in specs if s.proj < 0),
-        gather=gather_tables(specs, addresses, shape, device) if device.type == "cpu" else None,
         placed=placed,
         shape=shape,
         pool=pool,

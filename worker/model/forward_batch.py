@@ -44,6 +44,19 @@ class FusedLora:
     parts: tuple[ExpandPart, ...]  # one per targeted projection
 
 
+class RowLora(Protocol):
+    """A kernel for one step's one-row segments (the CPU's C BGMV, worker/kernels/lora_cpu)."""
+
+    def apply(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        layer: int,
+        group: int,
+        out_cols: Sequence[tuple[int, int]],
+    ) -> None: ...
+
+
 class LoraWeights(Protocol):
     """One adapter's weights as the CPU path reads them (views of the page pool)."""
 
@@ -61,6 +74,7 @@ class LoraBatch:
     table: torch.Tensor | None = None  # CPU: the pool as γ-wide rows (lora_gather)
     out_cols: tuple[tuple[slice, ...], ...] = ()  # per group: each projection's columns
     decode_only: bool = False  # every row is its own segment's only token (BGMV)
+    rows_op: RowLora | None = None  # CPU: the one-row segments in C (instead of buckets)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,138 @@
+"""The CPU's C BGMV (worker/kernels/lora_cpu.c), the op the CPU path runs for decode rows,
+against a float64 loop through real page tables: swept over rank mix × adapter popularity ×
+batch size, on a pool whose free pages are scattered (rows land on page boundaries), with
+base-model rows and rows the kernel is not given in the batch; and its argument checks."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.worker.memory_helpers import manager_with, random_host_adapter, tiny_shape, wait_on_host
+from tests.worker.test_lora_gather import LAYOUTS, POPULARITY, RANKS, pool_of, separate
+from worker.kernels import lora_cpu
+from worker.kernels.lora_cpu import CpuLora
+from worker.kernels.lora_meta import GROUP_PROJECTIONS, PROJECTIONS, LoraStepMeta
+from worker.kernels.lora_ref import Segments
+from worker.lora.adapter import HostAdapter
+from worker.lora.resident import ResidentAdapter
+from worker.runner import _step_meta
+
+TOLERANCE = 1e-5  # ‖out − ref‖ / ‖ref‖, float32
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> CpuLora:
+    built = lora_cpu.load(tmp_path_factory.mktemp("kernels"))
+    assert built is not None, "this host (and CI) has a C compiler: the kernel must build"
+    return built
+
+
+def batch_of(
+    slots: list[int], ranks: str
+) -> tuple[dict[str, HostAdapter], list[ResidentAdapter], LoraStepMeta]:
+    shape = tiny_shape()
+    names = sorted({f"a{s}" for s in slots if s >= 0})
+    hosts = {
+        name: random_host_adapter(
+            name, LAYOUTS[i % 2](RANKS[ranks][i % len(RANKS[ranks])]), shape, seed=i
+        )
+        for i, name in enumerate(names)
+    }
+    pool = pool_of(torch.float32, 6000)
+    manager = manager_with(pool, shape, hosts)
+    residents = []
+    for name in names:
+        wait_on_host(manager, name)
+        resident = manager.make_resident(name)
+        assert resident is not None
+        residents.append(resident)
+    row_slots = [names.index(f"a{s}") if s >= 0 else -1 for s in slots]
+    meta = _step_meta(pool.flat, residents, Segments.from_rows(row_slots), row_slots, 1)
+    return hosts, residents, meta
+
+
+@pytest.mark.parametrize("ranks", list(RANKS))
+@pytest.mark.parametrize("popularity", list(POPULARITY))
+@pytest.mark.parametrize("batch", [1, 5, 16])
+def test_kernel_matches_float64(kernel: CpuLora, ranks: str, popularity: str, batch: int) -> None:
+    shape = tiny_shape()
+    slots = separate(POPULARITY[popularity](batch))
+    hosts, _, meta = batch_of(slots, ranks)
+    names = sorted(hosts)
+    # Every third adapter row is left to another op (slot -1 for the kernel): untouched.
+    given = torch.tensor([s if i % 3 != 2 else -1 for i, s in enumerate(meta.row_slot.tolist())])
+    step = kernel.step(meta, given.to(torch.int32))
+    gen = torch.Generator().manual_seed(batch)
+    for layer in range(shape.num_layers):
+        for g, projections in enumerate(GROUP_PROJECTIONS):
+            x = torch.randn(len(slots), shape.in_widths[g], generator=gen)
+            y = torch.randn(len(slots), shape.out_cols[g][-1].stop, generator=gen)
+            want = y.double().clone()
+            for row, slot in enumerate(given.tolist()):
+                for p, cols in zip(projections, shape.out_cols[g], strict=True):
+                    adapter = hosts[names[slot]] if slot >= 0 else None
+                    lora = adapter.modules.get((layer, PROJECTIONS[p])) if adapter else None
+                    if lora is not None:
+                        want[row, cols] += x[row].double() @ lora.a.double().t() @ lora.b.double()
+            y_cols = [(c.start, c.stop - c.start) for c in shape.out_cols[g]]
+            step.apply(x, y, layer, g, y_cols)
+            error = (y.double() - want).norm() / want.norm()
+            assert error <= TOLERANCE, f"layer {layer} group {g}: {error:.2e}"
+            untouched = [row for row, slot in enumerate(given.tolist()) if slot < 0]
+            assert torch.equal(y[untouched].double(), want[untouched])
+
+
+def test_bad_arguments_are_refused_before_the_kernel_runs(kernel: CpuLora) -> None:
+    shape = tiny_shape()
+    _, _, meta = batch_of([0, 1, -1, 2], "ranks 4-16")
+    step = kernel.step(meta, meta.row_slot)
+    x = torch.randn(4, shape.in_widths[0])
+    y = torch.zeros(4, shape.out_cols[0][-1].stop)
+    cols = [(c.start, c.stop - c.start) for c in shape.out_cols[0]]
+    with pytest.raises(ValueError, match="dtype"):
+        step.apply(x.double(), y, 0, 0, cols)
+    with pytest.raises(ValueError, match="rows"):
+        step.apply(x[:3], y[:3], 0, 0, cols)
+    with pytest.raises(ValueError, match="contiguous"):
+        step.apply(x, torch.zeros(y.shape[1], 4).t(), 0, 0, cols)
+    with pytest.raises(ValueError, match="out of range"):
+        step.apply(x, y, shape.num_layers, 0, cols)
+    with pytest.raises(ValueError, match="out_cols"):
+        step.apply(x, y, 0, 0, cols[:2])
+    with pytest.raises(ValueError, match="slot"):
+        kernel.step(meta, torch.tensor([0, 9, -1, 2], dtype=torch.int32))
+    outside = meta.row_addr.clone()
+    outside[0] = meta.pool.numel()
+    with pytest.raises(ValueError, match="outside the pool"):
+        kernel.step(_replace(meta, row_addr=outside), meta.row_slot)
+    past = meta.b_col.clone()
+    past[0, 0, 0] = int(meta.a_rank[0, 0, 0])  # q's ranks would start past the A rows
+    if int(meta.b_rank[0, 0, 0]) > 0:
+        with pytest.raises(ValueError, match="b_col"):
+            kernel.step(_replace(meta, b_col=past), meta.row_slot)
+    assert torch.equal(y, torch.zeros_like(y))  # nothing ran
+
+
+def _replace(meta: LoraStepMeta, **fields: torch.Tensor) -> LoraStepMeta:
+    return dataclasses.replace(meta, **fields)
+
+
+def test_no_compiler_means_no_kernel_and_a_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert lora_cpu.load(tmp_path / "kernels") is None
+    assert "unavailable" in caplog.text
+
+
+def test_a_built_kernel_is_reused(tmp_path: Path) -> None:
+    assert lora_cpu.load(tmp_path) is not None
+    built = list(tmp_path.glob("lora_cpu-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert lora_cpu.load(tmp_path) is not None
+    assert built[0].stat().st_mtime_ns == stamp and list(tmp_path.glob("*")) == built

@@ -1,0 +1,95 @@
+/* BGMV on the CPU: one-row LoRA (shrink and expand fused) over the page pool, in place.
+ *
+ * Semantics: worker/kernels/lora_meta.py (the same tables the Triton kernels read). For
+ * layer l, group g and every token row t whose slot s = row_slot[t] is >= 0:
+ *
+ *   v[j]           = sum_i x[t, i] * pool[row_addr[a_row[s, l, g] + j] + i]       j < a_rank[s, l, g]
+ *   y[t, c_p + o] += sum_{j < b_rank[s,l,m]} v[b_col[s,l,m] + j] * pool[row_addr[b_row[s,l,m] + j] + o]
+ *
+ * for each part p (projection m = first projection of g + p) with columns [c_p, c_p + w_p).
+ * v stays in registers and the stack: nothing of an adapter's size is gathered, copied or
+ * multiplied out; A and B are each read once per row, straight from their pages. Rows run
+ * in parallel (OpenMP, the runtime torch already loaded); float32 throughout.
+ *
+ * Built and loaded by lora_cpu.py (ctypes); its wrapper validates every argument first.
+ */
+#include <stdint.h>
+
+#define BLOCK 4 /* rows of A (or B) per pass over x (or y): 4 independent accumulators */
+
+static void shrink_row(const float *pool, const int64_t *addr, int32_t rank, const float *x,
+                       int64_t in_features, float *v) {
+    int32_t j = 0;
+    for (; j + BLOCK <= rank; j += BLOCK) {
+        const float *a0 = pool + addr[j], *a1 = pool + addr[j + 1];
+        const float *a2 = pool + addr[j + 2], *a3 = pool + addr[j + 3];
+        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (int64_t i = 0; i < in_features; i++) {
+            float xi = x[i];
+            s0 += a0[i] * xi;
+            s1 += a1[i] * xi;
+            s2 += a2[i] * xi;
+            s3 += a3[i] * xi;
+        }
+        v[j] = s0;
+        v[j + 1] = s1;
+        v[j + 2] = s2;
+        v[j + 3] = s3;
+    }
+    for (; j < rank; j++) {
+        const float *a = pool + addr[j];
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < in_features; i++) s += a[i] * x[i];
+        v[j] = s;
+    }
+}
+
+static void expand_row(const float *pool, const int64_t *addr, int32_t rank, const float *v,
+                       float *out, int64_t width) {
+    int32_t j = 0;
+    for (; j + BLOCK <= rank; j += BLOCK) {
+        const float *b0 = pool + addr[j], *b1 = pool + addr[j + 1];
+        const float *b2 = pool + addr[j + 2], *b3 = pool + addr[j + 3];
+        float c0 = v[j], c1 = v[j + 1], c2 = v[j + 2], c3 = v[j + 3];
+#pragma omp simd
+        for (int64_t o = 0; o < width; o++)
+            out[o] += c0 * b0[o] + c1 * b1[o] + c2 * b2[o] + c3 * b3[o];
+    }
+    for (; j < rank; j++) {
+        const float *b = pool + addr[j];
+        float c = v[j];
+#pragma omp simd
+        for (int64_t o = 0; o < width; o++) out[o] += c * b[o];
+    }
+}
+
+void lora_bgmv_f32(const float *pool, const int64_t *row_addr,
+                   const int64_t *a_row, const int32_t *a_rank, /* [n, L * G] */
+                   const int64_t *b_row, const int32_t *b_rank,
+                   const int32_t *b_col,                         /* [n, L * M] */
+                   int64_t slot_stride_g, int64_t slot_stride_m, /* L * G, L * M */
+                   int64_t off_g, int64_t off_m, /* l * G + g, l * M + first projection */
+                   int32_t num_parts, const int64_t *part_start, const int64_t *part_width,
+                   const int32_t *row_slot, int64_t rows, const float *x, int64_t stride_x,
+                   int64_t in_features, float *y, int64_t stride_y, int32_t max_rank) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t t = 0; t < rows; t++) {
+        int32_t s = row_slot[t];
+        if (s < 0) continue;
+        int64_t kg = s * slot_stride_g + off_g;
+        int32_t rank = a_rank[kg];
+        if (rank <= 0) continue;
+        float v[max_rank > 0 ? max_rank : 1];
+        shrink_row(pool, row_addr + a_row[kg], rank, x + t * stride_x, in_features, v);
+        float *yt = y + t * stride_y;
+        for (int32_t p = 0; p < num_parts; p++) {
+            int64_t km = s * slot_stride_m + off_m + p;
+            int32_t r = b_rank[km];
+            if (r <= 0) continue;
+            expand_row(pool, row_addr + b_row[km], r, v + b_col[km], yt + part_start[p],
+                       part_width[p]);
+        }
+    }
+}

@@ -1,0 +1,189 @@
+"""BGMV on the CPU in C: the decode rows' LoRA read in place from the page pool.
+
+The torch ops have no gathered matrix-vector product: the reference either copies every
+row's A out of the pool each step (lora_gather: gather + bmm, half the adapter bytes
+copied, and thousands of small ops per step) or loops. `lora_cpu.c` reads A and B through
+the row table where they lie, one call per layer and group for the whole batch, rows in
+parallel. Its semantics are lora_meta.py's, the same tables the Triton kernels read, so
+the runner builds one LoraStepMeta on every device.
+
+It is compiled on first use with the host's C compiler (`cc -O3 -march=native -fopenmp`)
+into a cache directory, keyed by the source, the flags and the CPU, and loaded with ctypes
+(calls release the GIL). Without a compiler, `load` returns None and says why; the engine
+then runs the torch gathers, which give the same results more slowly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worker.kernels.checks import check_meta, check_out_cols, check_tensor
+from worker.kernels.lora_meta import GROUP_PROJECTIONS, GROUPS, PROJECTIONS, LoraStepMeta
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("lora_cpu.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+_I64, _I32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+# lora_bgmv_f32's parameters, in order (lora_cpu.c)
+_ARGTYPES: list[Any] = [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64]
+_ARGTYPES += [_I32, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I32]
+
+
+class CpuLora:
+    """The loaded library: `step(meta)` validates one step's tables once; the step's
+    `apply` runs one layer and group."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._fn = library.lora_bgmv_f32
+        self._fn.argtypes = _ARGTYPES
+        self._fn.restype = None
+
+    def step(self, meta: LoraStepMeta, row_slot: torch.Tensor) -> CpuLoraStep:
+        """The step's tables, checked: `row_slot` [T] int32 picks the rows this kernel
+        runs (-1: not this kernel's; the runner gives multi-token segments to the views)."""
+        device = torch.device("cpu")
+        check_meta(meta, device, 0, 0)
+        check_tensor("meta.pool", meta.pool, dtype=torch.float32)
+        check_tensor("row_slot", row_slot, dtype=torch.int32, device=device, ndim=1)
+        check_tensor("row_slot", row_slot, contiguous=True)
+        _check_bounds(meta, row_slot)
+        return CpuLoraStep(self._fn, meta, row_slot)
+
+
+@dataclass(frozen=True)
+class CpuLoraStep:
+    fn: Callable[..., None]
+    meta: LoraStepMeta
+    row_slot: torch.Tensor  # [T] int32
+
+    def apply(
+        self,
+        x: torch.Tensor,  # [T, in_g] float32
+        y: torch.Tensor,  # [T, out_total] float32, updated in place
+        layer: int,
+        group: int,
+        out_cols: Sequence[tuple[int, int]],
+    ) -> None:
+        """y[t] += the LoRA of row t's adapter for `layer` and `group`, every row with a slot."""
+        meta, rows = self.meta, self.row_slot.shape[0]
+        num_layers = meta.a_row.shape[1]
+        if not 0 <= layer < num_layers or not 0 <= group < len(GROUPS):
+            raise ValueError(f"layer {layer}, group {group}: out of range")
+        for name, t in (("x", x), ("y", y)):
+            check_tensor(name, t, dtype=torch.float32, device=meta.pool.device, ndim=2)
+            check_tensor(name, t, inner_contiguous=True)
+            if t.shape[0] != rows:
+                raise ValueError(f"{name}: {t.shape[0]} rows, the step has {rows}")
+        parts = check_out_cols(out_cols, group, y.shape[1])
+        starts = (ctypes.c_int64 * len(parts))(*(c for c, _ in parts))
+        widths = (ctypes.c_int64 * len(parts))(*(w for _, w in parts))
+        num_groups, num_proj = len(GROUPS), len(PROJECTIONS)
+        self.fn(
+            meta.pool.data_ptr(),
+            meta.row_addr.data_ptr(),
+            meta.a_row.data_ptr(),
+            meta.a_rank.data_ptr(),
+            meta.b_row.data_ptr(),
+            meta.b_rank.data_ptr(),
+            meta.b_col.data_ptr(),
+            num_layers * num_groups,
+            num_layers * num_proj,
+            layer * num_groups + group,
+            layer * num_proj + GROUP_PROJECTIONS[group][0],
+            len(parts),
+            ctypes.addressof(starts),
+            ctypes.addressof(widths),
+            self.row_slot.data_ptr(),
+            rows,
+            x.data_ptr(),
+            x.stride(0),
+            x.shape[1],
+            y.data_ptr(),
+            y.stride(0),
+            max(1, meta.max_rank),
+        )
+
+
+def _check_bounds(meta: LoraStepMeta, row_slot: torch.Tensor) -> None:
+    """What C cannot check for itself: every slot, row index and column a step can reach
+    lies inside its table (a bad table would read outside the pool, not raise)."""
+    n, num_rows = meta.a_row.shape[0], meta.row_addr.shape[0]
+    if row_slot.numel() and int(row_slot.max()) >= n:
+        raise ValueError(f"row_slot: slot {int(row_slot.max())} of {n}")
+    if num_rows and (int(meta.row_addr.min()) < 0 or int(meta.row_addr.max()) >= meta.pool.numel()):
+        raise ValueError("meta.row_addr: an address outside the pool")
+    for kind, row, rank in (("a", meta.a_row, meta.a_rank), ("b", meta.b_row, meta.b_rank)):
+        used = rank > 0
+        if bool((row[used] < 0).any()) or bool((row[used] + rank[used] > num_rows).any()):
+            raise ValueError(f"meta.{kind}_row: rows outside row_addr")
+    if meta.a_rank.numel() and int(meta.a_rank.max()) > meta.max_rank:
+        raise ValueError(f"meta.a_rank: a rank above max_rank {meta.max_rank}")
+    for g, projections in enumerate(GROUP_PROJECTIONS):
+        for m in projections:
+            used = meta.b_rank[:, :, m] > 0
+            reach = (meta.b_col[:, :, m] + meta.b_rank[:, :, m])[used]
+            if bool((reach > meta.a_rank[:, :, g][used]).any()):
+                raise ValueError(f"meta.b_col: {PROJECTIONS[m]}'s ranks pass its group's A rows")
+
+
+def load(build_dir: Path) -> CpuLora | None:
+    """The compiled kernel (built into `build_dir` once per source, flags and CPU), or None
+    when this host cannot build it (no compiler, or it failed: logged with its output)."""
+    try:
+        return CpuLora(ctypes.CDLL(str(_build(build_dir))))
+    except (OSError, subprocess.SubprocessError, _BuildError) as e:
+        log.warning("the CPU LoRA kernel is unavailable (%s): using the torch gathers", e)
+        return None
+
+
+class _BuildError(RuntimeError):
+    pass
+
+
+def _build(build_dir: Path) -> Path:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise _BuildError("no C compiler (cc or gcc) on PATH")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join((compiler, *FLAGS, _cpu_id())).encode()).hexdigest()
+    target = build_dir / f"lora_cpu-{key[:16]}.so"
+    if target.exists():
+        return target
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=build_dir) as tmp:
+        out = Path(tmp) / target.name
+        done = subprocess.run(
+            [compiler, *FLAGS, "-o", str(out), str(SOURCE)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise _BuildError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(out, target)  # atomic: concurrent builders each install a whole file
+    return target
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine() + platform.processor()
+    lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))]
+    return platform.machine() + "".join(sorted(set(lines)))
