@@ -4,6 +4,8 @@ Workload: 32 concurrent requests, 64 new tokens each (EOS ignored), SmolLM2-135M
 Cases, all measured here in the same process so their ratios are comparable:
   tok_s_base           our engine, base model only
   tok_s_lora_distinct  our engine, 32 requests over 32 adapters (ranks 8/16, 7 projections)
+  tok_s_lora_distinct_torch  the same without the CPU's C kernel (the torch gathers it falls
+                       back to without a compiler): lora_tax_torch beside lora_tax
   tok_s_hf_base        HF transformers generate, one padded batch, base model
   tok_s_peft_mixed     PEFT generate(adapter_names=...) on the same prompts and adapters
   tok_s_base_nf4       our engine, base model only, projections NF4 (bitsandbytes, compute fp32)
@@ -121,9 +123,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         peft_model = make_adapters(base_dir, Path(tmp), n)
         engine = Engine.from_config(EngineConfig(model=str(base_dir), max_num_seqs=n))
+        # The CPU path without its C kernel: the torch gathers it falls back to.
+        gathers = Engine.from_config(
+            EngineConfig(model=str(base_dir), max_num_seqs=n, cpu_kernels=False)
+        )
         nf4 = Engine.from_config(EngineConfig(model=str(base_dir), max_num_seqs=n, quantize="nf4"))
         names = [f"a{i}" for i in range(n)]
-        for ours in (engine, nf4):
+        for ours in (engine, gathers, nf4):
             for name in names:
                 ours.register_adapter(name, Path(tmp) / name)
             run_ours(ours, chats[:2], names[:2], 2)  # warm-up (and loads nothing else)
@@ -132,6 +138,7 @@ def main() -> int:
         cases: dict[str, Callable[[], int]] = {
             "tok_s_base": lambda: run_ours(engine, chats, [None] * n, new),
             "tok_s_lora_distinct": lambda: run_ours(engine, chats, list(names), new),
+            "tok_s_lora_distinct_torch": lambda: run_ours(gathers, chats, list(names), new),
             "tok_s_hf_base": lambda: run_hf(hf, tok, chats, new),
             "tok_s_peft_mixed": lambda: run_hf(peft_model, tok, chats, new, adapter_names=names),
             "tok_s_base_nf4": lambda: run_ours(nf4, chats, [None] * n, new),
@@ -160,6 +167,8 @@ def main() -> int:
     )
     results["ratio_vs_peft"] = results["tok_s_lora_distinct"] / results["tok_s_peft_mixed"]
     results["lora_tax"] = results["tok_s_lora_distinct"] / results["tok_s_base"]
+    results["lora_tax_torch"] = results["tok_s_lora_distinct_torch"] / results["tok_s_base"]
+    results["cpu_kernel"] = float(engine.cpu_lora is not None)
     results["base_vs_hf"] = results["tok_s_base"] / results["tok_s_hf_base"]
     results["lora_tax_nf4"] = results["tok_s_lora_distinct_nf4"] / results["tok_s_base_nf4"]
     results["nf4_vs_fp32"] = results["tok_s_base_nf4"] / results["tok_s_base"]

@@ -197,8 +197,8 @@ def _buckets(
     by_layout: dict[tuple[tuple[int, ...], ...], list[tuple[int, GatherTables]]] = {}
     for i, (start, end) in enumerate(zip(segments.starts, segments.ends, strict=True)):
         adapter = adapters[i]
-        if end - start == 1 and adapter is not None:
-            tables = adapter.gather()
+        tables = adapter.gather() if end - start == 1 and adapter is not None else None
+        if tables is not None:
             by_layout.setdefault(tables.signature, []).append((start, tables))
             adapters[i] = None
     return [_bucket(members, device) for members in by_layout.values()]

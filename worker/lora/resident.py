@@ -92,10 +92,10 @@ class ResidentAdapter:
     _fused: dict[tuple[int, str], FusedLora | None] = field(default_factory=dict, repr=False)
     _gather: GatherTables | None = field(default=None, repr=False)
 
-    def gather(self) -> GatherTables:
+    def gather(self) -> GatherTables | None:
         """The table rows of the torch gathers (worker/kernels/lora_gather), the CPU path
-        without its C kernel; built on first use."""
-        if self._gather is None:
+        without its C kernel; built on first use (None off the CPU)."""
+        if self._gather is None and self.rows.device.type == "cpu":
             assert self.shape is not None
             specs = [p.spec for p in sorted(self.placed.values(), key=lambda p: p.first_row)]
             addresses = self.rows.tolist()
