@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,10 @@ class CpuLoraStep:
     fn: Callable[..., None]
     meta: LoraStepMeta
     row_slot: torch.Tensor  # [T] int32
+    # per (group, out_cols): the parts' first columns and widths as C arrays, built once
+    _parts: dict[tuple[int, tuple[tuple[int, int], ...]], tuple[Any, Any]] = field(
+        default_factory=dict, repr=False
+    )
 
     def apply(
         self,
@@ -88,9 +92,15 @@ class CpuLoraStep:
             check_tensor(name, t, inner_contiguous=True)
             if t.shape[0] != rows:
                 raise ValueError(f"{name}: {t.shape[0]} rows, the step has {rows}")
-        parts = check_out_cols(out_cols, group, y.shape[1])
-        starts = (ctypes.c_int64 * len(parts))(*(c for c, _ in parts))
-        widths = (ctypes.c_int64 * len(parts))(*(w for _, w in parts))
+        key = (group, tuple(out_cols))
+        if key not in self._parts:
+            parts = check_out_cols(out_cols, group, y.shape[1])
+            starts = (ctypes.c_int64 * len(parts))(*(c for c, _ in parts))
+            widths = (ctypes.c_int64 * len(parts))(*(w for _, w in parts))
+            self._parts[key] = (starts, widths)
+        starts, widths = self._parts[key]
+        if any(c + w > y.shape[1] for c, w in key[1]):
+            raise ValueError(f"out_cols: a part outside y's {y.shape[1]} columns")
         num_groups, num_proj = len(GROUPS), len(PROJECTIONS)
         self.fn(
             meta.pool.data_ptr(),
@@ -104,7 +114,7 @@ class CpuLoraStep:
             num_layers * num_proj,
             layer * num_groups + group,
             layer * num_proj + GROUP_PROJECTIONS[group][0],
-            len(parts),
+            len(starts),
             ctypes.addressof(starts),
             ctypes.addressof(widths),
             self.row_slot.data_ptr(),
