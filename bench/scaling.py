@@ -13,7 +13,8 @@ requests of `NEW_TOKENS` tokens each, adapters drawn per request from n adapters
   - beside each point, the adapter bytes a decode step reads (distinct adapters of the
     running batch, averaged over steps) and the adapter pages' padding.
 Then `residency_ratio`: at n = 512, power law, throughput with a pool holding about an
-eighth of the adapters (plus the KV cache) over throughput with all of them preloaded.
+eighth of the adapters (plus the KV cache) over throughput with all of them preloaded
+into the pool, both with every adapter in host memory (the device tier's cost alone).
 Adapters come from a loader returning views of one shared random buffer: the host tier
 costs no memory, and a page-in is the real copy into the pool.
 Writes bench/results/scaling.json and bench/results/scaling.png.
@@ -104,7 +105,11 @@ def run(engine: Engine, loader: SharedLoader, adapters: list[str | None]) -> dic
 
 
 def make_engine(model: Path, loader: SharedLoader, n: int, memory_mb: int) -> Engine:
-    config = EngineConfig(model=str(model), max_num_seqs=ROWS, memory_mb=memory_mb)
+    # The host tier holds every adapter (the loader's views cost no memory).
+    host_mb = int(n * max(loader.elems(f"a{k}") for k in range(min(n, 4))) * 4 / 2**20) + 64
+    config = EngineConfig(
+        model=str(model), max_num_seqs=ROWS, memory_mb=memory_mb, host_cache_mb=host_mb
+    )
     engine = Engine.from_config(config, adapter_loader=loader)
     for k in range(n):
         engine.register_adapter(f"a{k}", Path(f"/shared/a{k}"))
@@ -146,33 +151,48 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def residency(model: Path, loader: SharedLoader, kv_mb: float) -> dict[str, Any]:
+def residency(model: Path, loader: SharedLoader, kv_mb: float, rounds: int = 2) -> dict[str, Any]:
     """n = 512, power law: a pool for ~1/8 of the adapters against all of them preloaded.
 
-    The small pool holds about 64 adapters plus twice the KV cache the 32 rows need, so the
-    ~85 distinct adapters the workload touches do not all fit: it evicts (the count is in
-    the result), and the ratio is what page-ins and eviction churn cost together."""
+    Both engines start with every adapter in host memory (as S-LoRA's experiments kept
+    them): the ratio is what the device tier costs, page-ins and eviction churn, not the
+    host loads. The small pool holds about 64 adapters plus twice the KV cache the 32 rows
+    need, so the ~85 distinct adapters the workload touches do not all fit: it evicts (the
+    count is in the result). Interleaved rounds on fresh engines, the best of each."""
     n, adapters = 512, workload(512, True, seed=1)
     mean_mb = sum(loader.elems(f"a{k}") for k in range(n)) * 4 / n / 2**20
     small_mb = int(n / 8 * mean_mb + 2 * kv_mb) + 1
     all_mb = int(n * mean_mb * 1.1 + 256)
-    preloaded = make_engine(model, loader, n, all_mb)
-    preload(preloaded, n)
-    full = run(preloaded, loader, adapters)
-    paged = run(make_engine(model, loader, n, small_mb), loader, adapters)
+    full: list[dict[str, Any]] = []
+    paged: list[dict[str, Any]] = []
+    for _ in range(rounds):
+        preloaded = make_engine(model, loader, n, all_mb)
+        preload(preloaded, n, device=True)
+        full.append(run(preloaded, loader, adapters))
+        del preloaded
+        small = make_engine(model, loader, n, small_mb)
+        preload(small, n, device=False)
+        paged.append(run(small, loader, adapters))
+        del small
+    best_full = max(full, key=lambda r: r["tok_s"])
+    best_paged = max(paged, key=lambda r: r["tok_s"])
     return {
         "memory_mb_small": small_mb,
         "memory_mb_all": all_mb,
-        "tok_s_small_pool": paged["tok_s"],
-        "tok_s_all_preloaded": full["tok_s"],
-        "residency_ratio": round(paged["tok_s"] / full["tok_s"], 3),
-        "evictions_small_pool": paged["device_evictions"],
+        "tok_s_small_pool": best_paged["tok_s"],
+        "tok_s_all_preloaded": best_full["tok_s"],
+        "residency_ratio": round(best_paged["tok_s"] / best_full["tok_s"], 3),
+        "evictions_small_pool": best_paged["device_evictions"],
         "distinct_adapters_in_workload": len(set(adapters)),
+        "runs_tok_s": {
+            "small_pool": [round(r["tok_s"], 1) for r in paged],
+            "all_preloaded": [round(r["tok_s"], 1) for r in full],
+        },
     }
 
 
-def preload(engine: Engine, n: int) -> None:
-    """Every adapter paged into the pool before the workload starts."""
+def preload(engine: Engine, n: int, device: bool) -> None:
+    """Every adapter loaded into host memory, and paged into the pool if `device`."""
     for k in range(n):
         engine.adapters.prefetch(f"a{k}")
     deadline = time.monotonic() + 600
@@ -180,7 +200,8 @@ def preload(engine: Engine, n: int) -> None:
         while not engine.adapters.ready(f"a{k}"):
             assert time.monotonic() < deadline, "adapters never loaded"
             time.sleep(0.001)
-        engine.adapters.make_resident(f"a{k}")
+        if device:
+            engine.adapters.make_resident(f"a{k}")
 
 
 def _workload(page_mb: float) -> dict[str, Any]:

@@ -26,6 +26,10 @@ from worker.model.forward_batch import AttentionGroup, ForwardBatch, LoraBatch, 
 from worker.model.llama import LlamaModel
 from worker.sequence import ScheduledSeq
 
+# Segments up to this many rows run in the CPU's C kernel (a matrix-vector product per row,
+# the adapter read from cache after the first); longer ones as GEMMs on views of the pool.
+KERNEL_SEGMENT_ROWS = 16
+
 
 class ModelRunner:
     def __init__(
@@ -120,12 +124,16 @@ class ModelRunner:
         residents: list[ResidentAdapter],
         kernel: CpuLora,
     ) -> LoraBatch:
-        """One-row segments (decodes) to the C kernel, taken out of `adapters` in place;
-        longer segments (prefill, verification) stay on the views (one GEMM each)."""
+        """Short segments (decodes, verifications, short prompts) to the C kernel, taken
+        out of `adapters` in place; longer ones stay on the views (one GEMM each), where
+        reading the adapter once for many rows beats a matrix-vector product per row."""
         kernel_slots = [-1] * (segments.ends[-1] if segments.ends else 0)
         for i, (start, end) in enumerate(zip(segments.starts, segments.ends, strict=True)):
-            if end - start == 1 and adapters[i] is not None:
-                kernel_slots[start], adapters[i] = segments.slots[i], None
+            if end - start <= KERNEL_SEGMENT_ROWS and adapters[i] is not None:
+                kernel_slots[start:end] = [segments.slots[i]] * (end - start)
+                adapters[i] = None
+        if all(a is None for a in adapters):
+            adapters = []  # no segment left for the views: the op skips them at once
         if all(s < 0 for s in kernel_slots):
             return LoraBatch(segments, adapters, None, out_cols=self.shape.out_cols)
         meta = _step_meta(self.pool_flat, residents, segments, kernel_slots, 1)

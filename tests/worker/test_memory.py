@@ -192,3 +192,21 @@ def test_eviction_frees_the_pages_and_padding_is_counted() -> None:
     freed = manager.evict("a1")
     assert pool.allocator.num_free == free_before + freed
     assert manager.stats.evictions == 1 and "a1" not in manager.resident
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_one_run_of_pages_places_rows_as_the_page_walk_does(seed: int) -> None:
+    """place_rows' shortcut for adjacent pages (rows back to back) against its page walk,
+    forced by a far page appended to the run (the rows fit before it, so it stays empty)."""
+    rng = random.Random(seed)
+    shape = tiny_shape()
+    page_elems = 128
+    ranks = {(layer, p): rng.randint(1, 9) for layer in range(2) for p in range(7)}
+    specs = matrix_specs(ranks, shape.in_widths, shape.out_widths, shape.num_layers)
+    first = rng.randint(0, 50)
+    run = list(range(first, first + -(-total_elems(specs) // page_elems)))
+    shortcut = place_rows(specs, run, page_elems)
+    assert shortcut == place_rows(specs, [*run, run[-1] + 10], page_elems)
+    assert shortcut[0] == first * page_elems
+    with pytest.raises(DoesNotFit):
+        place_rows(specs, run[:-1], page_elems)

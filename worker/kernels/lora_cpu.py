@@ -87,11 +87,12 @@ class CpuLoraStep:
         num_layers = meta.a_row.shape[1]
         if not 0 <= layer < num_layers or not 0 <= group < len(GROUPS):
             raise ValueError(f"layer {layer}, group {group}: out of range")
-        for name, t in (("x", x), ("y", y)):
-            check_tensor(name, t, dtype=torch.float32, device=meta.pool.device, ndim=2)
-            check_tensor(name, t, inner_contiguous=True)
-            if t.shape[0] != rows:
-                raise ValueError(f"{name}: {t.shape[0]} rows, the step has {rows}")
+        if not (_plain(x, rows) and _plain(y, rows)):  # the per-call fast path; else say why
+            for name, t in (("x", x), ("y", y)):
+                check_tensor(name, t, dtype=torch.float32, device=meta.pool.device, ndim=2)
+                check_tensor(name, t, inner_contiguous=True)
+                if t.shape[0] != rows:
+                    raise ValueError(f"{name}: {t.shape[0]} rows, the step has {rows}")
         key = (group, tuple(out_cols))
         if key not in self._parts:
             parts = check_out_cols(out_cols, group, y.shape[1])
@@ -126,6 +127,17 @@ class CpuLoraStep:
             y.stride(0),
             max(1, meta.max_rank),
         )
+
+
+def _plain(t: torch.Tensor, rows: int) -> bool:
+    """A float32 CPU matrix of `rows` rows whose rows are contiguous."""
+    return (
+        t.dtype is torch.float32
+        and t.device.type == "cpu"
+        and t.dim() == 2
+        and t.shape[0] == rows
+        and (t.stride(1) == 1 or t.shape[1] <= 1)
+    )
 
 
 def _check_bounds(meta: LoraStepMeta, row_slot: torch.Tensor) -> None:

@@ -56,6 +56,10 @@ def total_elems(specs: list[MatrixSpec]) -> int:
 
 def place_rows(specs: list[MatrixSpec], pages: list[int], page_elems: int) -> list[int]:
     """The flat element offset of every row, matrix by matrix, or DoesNotFit."""
+    if any(spec.width > page_elems for spec in specs):
+        raise ValueError("a row is wider than a page")
+    if pages and pages == list(range(pages[0], pages[0] + len(pages))):
+        return _back_to_back(specs, pages[0] * page_elems, len(pages) * page_elems)
     addresses: list[int] = []
     index, offset = 0, 0  # position in pages[index], elements used of it
     for spec in specs:
@@ -72,6 +76,17 @@ def place_rows(specs: list[MatrixSpec], pages: list[int], page_elems: int) -> li
             offset += spec.width
             if offset >= page_elems:  # ran into the adjacent page
                 index, offset = index + 1, offset - page_elems
+    return addresses
+
+
+def _back_to_back(specs: list[MatrixSpec], start: int, room: int) -> list[int]:
+    """One run of adjacent pages: rows back to back (what place_rows' walk gives there)."""
+    if total_elems(specs) > room:
+        raise DoesNotFit(f"{room} elements cannot hold the adapter's rows")
+    addresses: list[int] = []
+    for spec in specs:
+        addresses.extend(range(start, start + spec.rows * spec.width, spec.width))
+        start += spec.rows * spec.width
     return addresses
 
 

@@ -23,6 +23,8 @@ from worker.lora.resident import ModelShape, ResidentAdapter, page_in
 from worker.memory.allocator import OutOfPages
 from worker.memory.pool import MemoryPool
 
+SPEC_CACHE_SIZE = 4096  # adapters whose layouts are remembered
+
 
 class Tier(enum.Enum):
     DEVICE = "device"
@@ -51,6 +53,8 @@ class AdapterManager:
         self.resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # LRU order
         self.stats = DeviceStats()
         self._prefetched: set[str] = set()
+        # adapter id → its matrix specs (LRU; a source changes only through forget())
+        self._spec_cache: OrderedDict[str, list[MatrixSpec]] = OrderedDict()
 
     # -- registration -----------------------------------------------------------
 
@@ -63,6 +67,7 @@ class AdapterManager:
     def forget(self, adapter_id: str) -> None:
         """Drop every tier's copy (the source changed or the blob is gone)."""
         self.sources.pop(adapter_id, None)
+        self._spec_cache.pop(adapter_id, None)
         self.host.drop(adapter_id)
         if adapter_id in self.resident:
             self.evict(adapter_id)
@@ -153,6 +158,18 @@ class AdapterManager:
         return held, sum(r.weight_elems for r in self.resident.values())
 
     def _specs(self, adapter: HostAdapter) -> list[MatrixSpec]:
+        """The adapter's matrices in page order; computed once per host copy (admission
+        asks for every waiting request's page count on every step)."""
+        specs = self._spec_cache.get(adapter.adapter_id)
+        if specs is None:
+            specs = self._spec_cache[adapter.adapter_id] = self._layout(adapter)
+            if len(self._spec_cache) > SPEC_CACHE_SIZE:
+                self._spec_cache.popitem(last=False)
+        else:
+            self._spec_cache.move_to_end(adapter.adapter_id)
+        return specs
+
+    def _layout(self, adapter: HostAdapter) -> list[MatrixSpec]:
         ranks = {
             (layer, PROJECTIONS.index(module)): lora.a.shape[0]
             for (layer, module), lora in adapter.modules.items()

@@ -205,8 +205,16 @@ def _write(
         view = pool.flat[start : start + rows * width].view(rows, width)
         view.copy_(host, non_blocking=True)
         return view
-    for address, row in zip(addresses, host, strict=True):
-        pool.flat[address : address + width].copy_(row, non_blocking=True)
+    # Scattered rows: one indexed copy of γ-wide chunks (every row starts at a multiple of
+    # the granule γ, which divides its width), not a copy per row.
+    granule = math.gcd(width, *addresses)
+    chunks = width // granule
+    first = torch.tensor(addresses, dtype=torch.long) // granule
+    index = (first[:, None] + torch.arange(chunks)[None, :]).reshape(-1)
+    table = pool.flat[: pool.flat.numel() // granule * granule].view(-1, granule)
+    table.index_copy_(
+        0, index.to(pool.device), host.reshape(-1, granule).to(pool.device, pool.dtype)
+    )
     return None
 
 

@@ -68,7 +68,8 @@ class LoraBatch:
     """Token rows grouped into runs that share an adapter (SGMV), both ways the ops read it."""
 
     segments: Segments  # over the T token rows of the batch
-    adapters: Sequence[LoraWeights | None]  # [S] each segment's adapter (None: base, bucketed)
+    adapters: Sequence[LoraWeights | None]  # [S] each segment's adapter (None: base, bucketed,
+    #                                     or the C kernel's); empty when every one is None
     meta: LoraStepMeta | None  # device tensors for the kernels (None on the CPU path)
     buckets: Sequence[GatherBucket] = ()  # CPU: one-row segments by adapter layout
     table: torch.Tensor | None = None  # CPU: the pool as γ-wide rows (lora_gather)
