@@ -55,16 +55,31 @@ def batch_of(
     return hosts, residents, meta
 
 
+# Runs of one adapter (prefill chunks, verifications: the kernel's tasks take up to 8
+# consecutive rows of one slot), shorter and longer than a task, between other rows.
+RUNS = {
+    "runs": lambda n: [0] * 11 + [1] * 3 + [-1] + [2] * (n + 4) + [0, 1, 1],
+    "one long run": lambda n: [0] * (n + 9),
+}
+
+
 @pytest.mark.parametrize("ranks", list(RANKS))
-@pytest.mark.parametrize("popularity", list(POPULARITY))
+@pytest.mark.parametrize("popularity", [*POPULARITY, *RUNS])
 @pytest.mark.parametrize("batch", [1, 5, 16])
 def test_kernel_matches_float64(kernel: CpuLora, ranks: str, popularity: str, batch: int) -> None:
     shape = tiny_shape()
-    slots = separate(POPULARITY[popularity](batch))
+    if popularity in RUNS:
+        slots = RUNS[popularity](batch)
+    else:
+        slots = separate(POPULARITY[popularity](batch))
     hosts, _, meta = batch_of(slots, ranks)
     names = sorted(hosts)
-    # Every third adapter row is left to another op (slot -1 for the kernel): untouched.
-    given = torch.tensor([s if i % 3 != 2 else -1 for i, s in enumerate(meta.row_slot.tolist())])
+    # Every third adapter row is left to another op (slot -1 for the kernel): untouched
+    # (runs are kept whole, to cross the kernel's task boundaries).
+    keep = [popularity in RUNS or i % 3 != 2 for i in range(len(slots))]
+    given = torch.tensor(
+        [s if k else -1 for s, k in zip(meta.row_slot.tolist(), keep, strict=True)]
+    )
     step = kernel.step(meta, given.to(torch.int32))
     gen = torch.Generator().manual_seed(batch)
     for layer in range(shape.num_layers):

@@ -12,8 +12,10 @@
  * in parallel (OpenMP, the runtime torch already loaded); float32 throughout.
  *
  * Built and loaded by lora_cpu.py (ctypes); its wrapper validates every argument first.
+ * Returns 0, or -1 when it could not allocate its task list (nothing was written).
  */
 #include <stdint.h>
+#include <stdlib.h>
 
 #define BLOCK 4 /* rows of A (or B) per pass over x (or y): 4 independent accumulators */
 
@@ -65,7 +67,30 @@ static void expand_row(const float *pool, const int64_t *addr, int32_t rank, con
     }
 }
 
-void lora_bgmv_f32(const float *pool, const int64_t *row_addr,
+/* One task: rows t0 .. t1 - 1, all of slot s (one adapter: its rows stay in this core's
+ * cache after the first token reads them from memory). */
+static void run_rows(const float *pool, const int64_t *row_addr, const int64_t *a_row,
+                     const int32_t *a_rank, const int64_t *b_row, const int32_t *b_rank,
+                     const int32_t *b_col, int64_t kg, int64_t km0, int32_t num_parts,
+                     const int64_t *part_start, const int64_t *part_width, int64_t t0,
+                     int64_t t1, const float *x, int64_t stride_x, int64_t in_features, float *y,
+                     int64_t stride_y, float *v) {
+    int32_t rank = a_rank[kg];
+    if (rank <= 0) return;
+    for (int64_t t = t0; t < t1; t++) {
+        shrink_row(pool, row_addr + a_row[kg], rank, x + t * stride_x, in_features, v);
+        float *yt = y + t * stride_y;
+        for (int32_t p = 0; p < num_parts; p++) {
+            int64_t km = km0 + p;
+            int32_t r = b_rank[km];
+            if (r <= 0) continue;
+            expand_row(pool, row_addr + b_row[km], r, v + b_col[km], yt + part_start[p],
+                       part_width[p]);
+        }
+    }
+}
+
+int lora_bgmv_f32(const float *pool, const int64_t *row_addr,
                    const int64_t *a_row, const int32_t *a_rank, /* [n, L * G] */
                    const int64_t *b_row, const int32_t *b_rank,
                    const int32_t *b_col,                         /* [n, L * M] */
@@ -74,22 +99,32 @@ void lora_bgmv_f32(const float *pool, const int64_t *row_addr,
                    int32_t num_parts, const int64_t *part_start, const int64_t *part_width,
                    const int32_t *row_slot, int64_t rows, const float *x, int64_t stride_x,
                    int64_t in_features, float *y, int64_t stride_y, int32_t max_rank) {
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t t = 0; t < rows; t++) {
-        int32_t s = row_slot[t];
-        if (s < 0) continue;
-        int64_t kg = s * slot_stride_g + off_g;
-        int32_t rank = a_rank[kg];
-        if (rank <= 0) continue;
-        float v[max_rank > 0 ? max_rank : 1];
-        shrink_row(pool, row_addr + a_row[kg], rank, x + t * stride_x, in_features, v);
-        float *yt = y + t * stride_y;
-        for (int32_t p = 0; p < num_parts; p++) {
-            int64_t km = s * slot_stride_m + off_m + p;
-            int32_t r = b_rank[km];
-            if (r <= 0) continue;
-            expand_row(pool, row_addr + b_row[km], r, v + b_col[km], yt + part_start[p],
-                       part_width[p]);
+    /* Tasks: runs of consecutive rows of one slot, at most TASK_ROWS each (a long segment
+     * still spreads over the threads). Decode rows of distinct adapters are one row each. */
+    enum { TASK_ROWS = 8 };
+    int64_t *starts = malloc((size_t)(rows > 0 ? rows : 1) * sizeof(int64_t));
+    if (starts == NULL) return -1;
+    int64_t tasks = 0;
+    for (int64_t t = 0; t < rows;) {
+        if (row_slot[t] < 0) {
+            t++;
+            continue;
         }
+        int64_t e = t + 1;
+        while (e < rows && e - t < TASK_ROWS && row_slot[e] == row_slot[t]) e++;
+        starts[tasks++] = t;
+        t = e;
     }
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t k = 0; k < tasks; k++) {
+        int64_t t0 = starts[k], t1 = t0 + 1;
+        int32_t s = row_slot[t0];
+        while (t1 < rows && t1 - t0 < TASK_ROWS && row_slot[t1] == s) t1++;
+        float v[max_rank > 0 ? max_rank : 1];
+        run_rows(pool, row_addr, a_row, a_rank, b_row, b_rank, b_col, s * slot_stride_g + off_g,
+                 s * slot_stride_m + off_m, num_parts, part_start, part_width, t0, t1, x,
+                 stride_x, in_features, y, stride_y, v);
+    }
+    free(starts);
+    return 0;
 }

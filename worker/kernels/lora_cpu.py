@@ -50,7 +50,7 @@ class CpuLora:
     def __init__(self, library: ctypes.CDLL) -> None:
         self._fn = library.lora_bgmv_f32
         self._fn.argtypes = _ARGTYPES
-        self._fn.restype = None
+        self._fn.restype = ctypes.c_int
 
     def step(self, meta: LoraStepMeta, row_slot: torch.Tensor) -> CpuLoraStep:
         """The step's tables, checked: `row_slot` [T] int32 picks the rows this kernel
@@ -66,7 +66,7 @@ class CpuLora:
 
 @dataclass(frozen=True)
 class CpuLoraStep:
-    fn: Callable[..., None]
+    fn: Callable[..., int]
     meta: LoraStepMeta
     row_slot: torch.Tensor  # [T] int32
     # per (group, out_cols): the parts' first columns and widths as C arrays, built once
@@ -103,7 +103,7 @@ class CpuLoraStep:
         if any(c + w > y.shape[1] for c, w in key[1]):
             raise ValueError(f"out_cols: a part outside y's {y.shape[1]} columns")
         num_groups, num_proj = len(GROUPS), len(PROJECTIONS)
-        self.fn(
+        status = self.fn(
             meta.pool.data_ptr(),
             meta.row_addr.data_ptr(),
             meta.a_row.data_ptr(),
@@ -127,6 +127,8 @@ class CpuLoraStep:
             y.stride(0),
             max(1, meta.max_rank),
         )
+        if status != 0:
+            raise MemoryError("the CPU LoRA kernel could not allocate its task list")
 
 
 def _plain(t: torch.Tensor, rows: int) -> bool:
