@@ -14,6 +14,7 @@ C kernel's one-row segments (or, without it, per-layout table-row gathers).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -50,6 +51,7 @@ class ModelRunner:
         self.paged = model.device.type == "cuda"  # kernels read tensors; the CPU path views
         self.shape = shape
         self.table = pool_flat.view(-1, shape.granule)  # the pool as γ-wide rows (CPU path)
+        self._last_tables: SlotTables | None = None  # the previous step's, reused when it fits
 
     def run(
         self, batch: list[ScheduledSeq], adapter_of: Callable[[str], ResidentAdapter]
@@ -108,7 +110,7 @@ class ModelRunner:
         ]
         if self.paged:
             align = min(self.shape.granule & -self.shape.granule, 16)  # a power of two
-            meta = _step_meta(self.pool_flat, residents, segments, row_slots, align)
+            meta = _step_meta(self.pool_flat, self._tables(residents), segments, row_slots, align)
             one_row = all(e - s == 1 for s, e in zip(segments.starts, segments.ends, strict=True))
             out_cols = self.shape.out_cols
             return LoraBatch(segments, adapters, meta, out_cols=out_cols, decode_only=one_row)
@@ -116,6 +118,11 @@ class ModelRunner:
             return self._cpu_kernel_batch(segments, adapters, residents, self.cpu_lora)
         buckets = _buckets(segments, adapters, self.model.device)
         return LoraBatch(segments, adapters, None, buckets, self.table, self.shape.out_cols)
+
+    def _tables(self, residents: list[ResidentAdapter]) -> SlotTables:
+        if self._last_tables is None or not self._last_tables.serves(residents):
+            self._last_tables = slot_tables(residents)
+        return self._last_tables
 
     def _cpu_kernel_batch(
         self,
@@ -136,7 +143,7 @@ class ModelRunner:
             adapters = []  # no segment left for the views: the op skips them at once
         if all(s < 0 for s in kernel_slots):
             return LoraBatch(segments, adapters, None, out_cols=self.shape.out_cols)
-        meta = _step_meta(self.pool_flat, residents, segments, kernel_slots, 1)
+        meta = _step_meta(self.pool_flat, self._tables(residents), segments, kernel_slots, 1)
         step = kernel.step(meta, meta.row_slot)
         return LoraBatch(segments, adapters, meta, out_cols=self.shape.out_cols, rows_op=step)
 
@@ -252,15 +259,30 @@ def _block_tables(items: list[ScheduledSeq], dtype: torch.dtype) -> torch.Tensor
     return table
 
 
-def _step_meta(
-    pool_flat: torch.Tensor,
-    residents: list[ResidentAdapter],
-    segments: Segments,
-    row_slots: list[int],
-    row_align: int,
-) -> LoraStepMeta:
-    """The slots' row tables concatenated, their indices rebased, segments as device tensors."""
-    device = pool_flat.device
+@dataclass(frozen=True)
+class SlotTables:
+    """The slots' row tables, concatenated and rebased (LoraStepMeta's per-adapter part).
+
+    A decode-heavy batch runs the same adapters step after step, so the runner keeps the
+    last one and reuses it while the residents are the same objects (a re-paged adapter
+    is a new object, so stale addresses are never reused)."""
+
+    residents: tuple[ResidentAdapter, ...]
+    row_addr: torch.Tensor
+    a_row: torch.Tensor
+    a_rank: torch.Tensor
+    b_row: torch.Tensor
+    b_rank: torch.Tensor
+    b_col: torch.Tensor
+    max_rank: int
+
+    def serves(self, residents: list[ResidentAdapter]) -> bool:
+        return len(residents) == len(self.residents) and all(
+            a is b for a, b in zip(residents, self.residents, strict=True)
+        )
+
+
+def slot_tables(residents: list[ResidentAdapter]) -> SlotTables:
     bases = [0]
     for r in residents[:-1]:
         bases.append(bases[-1] + int(r.rows.numel()))
@@ -268,18 +290,39 @@ def _step_meta(
     def rebased(index: torch.Tensor, base: int) -> torch.Tensor:
         return torch.where(index >= 0, index + base, index)
 
-    starts = [*segments.starts, segments.ends[-1] if segments.ends else 0]
-    return LoraStepMeta(
-        pool=pool_flat,
+    return SlotTables(
+        residents=tuple(residents),
         row_addr=torch.cat([r.rows for r in residents]),
         a_row=torch.stack([rebased(r.a_row, b) for r, b in zip(residents, bases, strict=True)]),
         a_rank=torch.stack([r.a_rank for r in residents]),
         b_row=torch.stack([rebased(r.b_row, b) for r, b in zip(residents, bases, strict=True)]),
         b_rank=torch.stack([r.b_rank for r in residents]),
         b_col=torch.stack([r.b_col for r in residents]),
+        max_rank=max(r.max_group_rank for r in residents),
+    )
+
+
+def _step_meta(
+    pool_flat: torch.Tensor,
+    tables: SlotTables,
+    segments: Segments,
+    row_slots: list[int],
+    row_align: int,
+) -> LoraStepMeta:
+    """The slots' row tables with this step's segments as device tensors."""
+    device = pool_flat.device
+    starts = [*segments.starts, segments.ends[-1] if segments.ends else 0]
+    return LoraStepMeta(
+        pool=pool_flat,
+        row_addr=tables.row_addr,
+        a_row=tables.a_row,
+        a_rank=tables.a_rank,
+        b_row=tables.b_row,
+        b_rank=tables.b_rank,
+        b_col=tables.b_col,
         seg_start=torch.tensor(starts, dtype=torch.int32, device=device),
         seg_slot=torch.tensor(segments.slots, dtype=torch.int32, device=device),
         row_slot=torch.tensor(row_slots, dtype=torch.int32, device=device),
-        max_rank=max(r.max_group_rank for r in residents),
+        max_rank=tables.max_rank,
         row_align=row_align,
     )

@@ -19,7 +19,7 @@ from worker.kernels.lora_meta import GROUP_PROJECTIONS, PROJECTIONS, LoraStepMet
 from worker.kernels.lora_ref import Segments
 from worker.lora.adapter import HostAdapter
 from worker.lora.resident import ResidentAdapter
-from worker.runner import _step_meta
+from worker.runner import _step_meta, slot_tables
 
 TOLERANCE = 1e-5  # ‖out − ref‖ / ‖ref‖, float32
 
@@ -51,7 +51,8 @@ def batch_of(
         assert resident is not None
         residents.append(resident)
     row_slots = [names.index(f"a{s}") if s >= 0 else -1 for s in slots]
-    meta = _step_meta(pool.flat, residents, Segments.from_rows(row_slots), row_slots, 1)
+    tables = slot_tables(residents)
+    meta = _step_meta(pool.flat, tables, Segments.from_rows(row_slots), row_slots, 1)
     return hosts, residents, meta
 
 
@@ -151,3 +152,14 @@ def test_a_built_kernel_is_reused(tmp_path: Path) -> None:
     stamp = built[0].stat().st_mtime_ns
     assert lora_cpu.load(tmp_path) is not None
     assert built[0].stat().st_mtime_ns == stamp and list(tmp_path.glob("*")) == built
+
+
+def test_slot_tables_are_reused_only_for_the_same_resident_objects() -> None:
+    _, residents, meta = batch_of([0, 1, 2], "ranks 4-16")
+    tables = slot_tables(residents)
+    assert tables.serves(residents) and tables.serves(list(residents))
+    assert not tables.serves(residents[::-1])  # another slot order: other indices
+    assert not tables.serves(residents[:2])
+    copy = dataclasses.replace(residents[1])  # the same adapter paged in again: a new object
+    assert not tables.serves([residents[0], copy, residents[2]])
+    assert torch.equal(tables.row_addr, meta.row_addr)

@@ -51,6 +51,7 @@ class CpuLora:
         self._fn = library.lora_bgmv_f32
         self._fn.argtypes = _ARGTYPES
         self._fn.restype = ctypes.c_int
+        self._checked: tuple[Any, ...] | None = None  # the tables last checked (identity)
 
     def step(self, meta: LoraStepMeta, row_slot: torch.Tensor) -> CpuLoraStep:
         """The step's tables, checked: `row_slot` [T] int32 picks the rows this kernel
@@ -60,7 +61,20 @@ class CpuLora:
         check_tensor("meta.pool", meta.pool, dtype=torch.float32)
         check_tensor("row_slot", row_slot, dtype=torch.int32, device=device, ndim=1)
         check_tensor("row_slot", row_slot, contiguous=True)
-        _check_bounds(meta, row_slot)
+        tables = tuple(getattr(meta, name) for name in _TABLES)
+        # The runner reuses one step's tables while its adapters stay (runner.SlotTables):
+        # their bounds were checked then, and tensors are not changed in place.
+        last = self._checked
+        if (
+            last is None
+            or tables[-1] != last[-1]
+            or any(a is not b for a, b in zip(tables[:-1], last[:-1], strict=True))
+        ):
+            _check_tables(meta)
+            self._checked = tables
+        n = meta.a_row.shape[0]
+        if row_slot.numel() and int(row_slot.max()) >= n:
+            raise ValueError(f"row_slot: slot {int(row_slot.max())} of {n}")
         return CpuLoraStep(self._fn, meta, row_slot)
 
 
@@ -142,12 +156,13 @@ def _plain(t: torch.Tensor, rows: int) -> bool:
     )
 
 
-def _check_bounds(meta: LoraStepMeta, row_slot: torch.Tensor) -> None:
-    """What C cannot check for itself: every slot, row index and column a step can reach
-    lies inside its table (a bad table would read outside the pool, not raise)."""
-    n, num_rows = meta.a_row.shape[0], meta.row_addr.shape[0]
-    if row_slot.numel() and int(row_slot.max()) >= n:
-        raise ValueError(f"row_slot: slot {int(row_slot.max())} of {n}")
+_TABLES = ("pool", "row_addr", "a_row", "a_rank", "b_row", "b_rank", "b_col", "max_rank")
+
+
+def _check_tables(meta: LoraStepMeta) -> None:
+    """What C cannot check for itself: every row index and column a slot can reach lies
+    inside its table (a bad table would read outside the pool, not raise)."""
+    num_rows = meta.row_addr.shape[0]
     if num_rows and (int(meta.row_addr.min()) < 0 or int(meta.row_addr.max()) >= meta.pool.numel()):
         raise ValueError("meta.row_addr: an address outside the pool")
     for kind, row, rank in (("a", meta.a_row, meta.a_rank), ("b", meta.b_row, meta.b_rank)):
