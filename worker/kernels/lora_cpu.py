@@ -55,7 +55,7 @@ class CpuLora:
 
     def step(self, meta: LoraStepMeta, row_slot: torch.Tensor) -> CpuLoraStep:
         """The step's tables, checked: `row_slot` [T] int32 picks the rows this kernel
-        runs (-1: not this kernel's; the runner gives multi-token segments to the views)."""
+        runs (-1: not this kernel's; the runner gives long segments to GEMMs on views)."""
         device = torch.device("cpu")
         check_meta(meta, device, 0, 0)
         check_tensor("meta.pool", meta.pool, dtype=torch.float32)
