@@ -183,7 +183,10 @@ def load(build_dir: Path) -> CpuLora | None:
     """The compiled kernel (built into `build_dir` once per source, flags and CPU), or None
     when this host cannot build it (no compiler, or it failed: logged with its output)."""
     try:
-        return CpuLora(ctypes.CDLL(str(_build(build_dir))))
+        path = _build(build_dir)
+        kernel = CpuLora(ctypes.CDLL(str(path)))
+        log.info("CPU LoRA kernel loaded from %s", path)
+        return kernel
     except (OSError, subprocess.SubprocessError, _BuildError) as e:
         log.warning("the CPU LoRA kernel is unavailable (%s): using the torch gathers", e)
         return None
