@@ -114,7 +114,8 @@ class Engine:
         self.adapters = AdapterManager(self.pool, model_shape(model.config), host)
         self.blocks = BlockManager(self.pool.allocator, config.page_size)
         draft = None
-        self.cpu_lora = cpu_lora_kernel(config, model)
+        kernels = Path(config.cache_dir) / "kernels"
+        self.cpu_lora = lora_cpu.kernel_for(model.device, model.dtype, kernels, config.cpu_kernels)
         if draft_model is not None:
             shape = model_shape(draft_model.config)
             draft = draft_proposer(
@@ -395,10 +396,3 @@ def page_geometry(model: LlamaModel, page_tokens: int) -> PageGeometry:
         head_dim=c.head_dim,
         itemsize=torch.empty((), dtype=model.dtype).element_size(),
     )
-
-
-def cpu_lora_kernel(config: EngineConfig, model: LlamaModel) -> lora_cpu.CpuLora | None:
-    """The C decode-LoRA kernel for a float32 model on the CPU, built into the cache."""
-    if not config.cpu_kernels or model.device.type != "cpu" or model.dtype != torch.float32:
-        return None
-    return lora_cpu.load(Path(config.cache_dir) / "kernels")

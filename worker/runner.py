@@ -7,8 +7,8 @@ chunk comes last and attends alone, so every group is a contiguous slice of toke
 and no sequence is padded to another's query length. Within each part, sequences are ordered by
 adapter so tokens sharing an adapter form segments (SGMV). Everything per step is built
 here, once: the kernel path gets device int32/int64 tensors (LoraStepMeta, block tables, cu_seqlens),
-the CPU path views of the adapters' pages for segments and the same LoraStepMeta for its
-C kernel's one-row segments (or, without it, per-layout table-row gathers).
+the CPU path views of the adapters' pages for long segments and the same LoraStepMeta for
+its C kernel's short ones (without it, one-row segments go to per-layout gathers).
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ class ModelRunner:
         pool_flat: torch.Tensor,
         page_tokens: int,
         shape: ModelShape,
-        cpu_lora: CpuLora | None = None,  # the C kernel for one-row segments (CPU only)
+        cpu_lora: CpuLora | None = None,  # the CPU's C kernel for short segments
     ) -> None:
         self.model = model
-        self.cpu_lora = cpu_lora if model.device.type == "cpu" else None
+        self.cpu_lora = cpu_lora
         self.kv = kv_rows  # [pages · L · 2 · page_tokens, kv_size]: the pool as KV rows
         self.pool_flat = pool_flat  # [N] the same buffer, flat (adapter rows)
         self.page_tokens = page_tokens
@@ -114,7 +114,7 @@ class ModelRunner:
             one_row = all(e - s == 1 for s, e in zip(segments.starts, segments.ends, strict=True))
             out_cols = self.shape.out_cols
             return LoraBatch(segments, adapters, meta, out_cols=out_cols, decode_only=one_row)
-        if self.cpu_lora is not None and self.pool_flat.dtype == torch.float32:
+        if self.cpu_lora is not None:
             return self._cpu_kernel_batch(segments, adapters, residents, self.cpu_lora)
         buckets = _buckets(segments, adapters, self.model.device)
         return LoraBatch(segments, adapters, None, buckets, self.table, self.shape.out_cols)

@@ -1,4 +1,4 @@
-/* BGMV on the CPU: one-row LoRA (shrink and expand fused) over the page pool, in place.
+/* BGMV on the CPU: LoRA per token row (shrink and expand fused) over the page pool, in place.
  *
  * Semantics: worker/kernels/lora_meta.py (the same tables the Triton kernels read). For
  * layer l, group g and every token row t whose slot s = row_slot[t] is >= 0:

@@ -179,6 +179,17 @@ def _check_tables(meta: LoraStepMeta) -> None:
                 raise ValueError(f"meta.b_col: {PROJECTIONS[m]}'s ranks pass its group's A rows")
 
 
+def kernel_for(
+    device: torch.device, dtype: torch.dtype, build_dir: Path, enabled: bool = True
+) -> CpuLora | None:
+    """The kernel for a model on `device` in `dtype`: built (or found) in `build_dir` for a
+    float32 model on the CPU when `enabled`; None everywhere else (the kernels of that device
+    or the torch fallback run)."""
+    if not enabled or device.type != "cpu" or dtype != torch.float32:
+        return None
+    return load(build_dir)
+
+
 def load(build_dir: Path) -> CpuLora | None:
     """The compiled kernel (built into `build_dir` once per source, flags and CPU), or None
     when this host cannot build it (no compiler, or it failed: logged with its output)."""

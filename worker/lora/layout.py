@@ -56,15 +56,14 @@ def total_elems(specs: list[MatrixSpec]) -> int:
 
 def place_rows(specs: list[MatrixSpec], pages: list[int], page_elems: int) -> list[int]:
     """The flat element offset of every row, matrix by matrix, or DoesNotFit."""
-    if any(spec.width > page_elems for spec in specs):
-        raise ValueError("a row is wider than a page")
+    widest = max((spec.width for spec in specs), default=0)
+    if widest > page_elems:
+        raise ValueError(f"a row of {widest} elements is wider than a page")
     if pages and pages == list(range(pages[0], pages[0] + len(pages))):
         return _back_to_back(specs, pages[0] * page_elems, len(pages) * page_elems)
     addresses: list[int] = []
     index, offset = 0, 0  # position in pages[index], elements used of it
     for spec in specs:
-        if spec.width > page_elems:
-            raise ValueError(f"a row of {spec.width} elements is wider than a page")
         for _ in range(spec.rows):
             if offset + spec.width > page_elems:
                 adjacent = index + 1 < len(pages) and pages[index + 1] == pages[index] + 1

@@ -45,7 +45,7 @@ class FusedLora:
 
 
 class RowLora(Protocol):
-    """A kernel for one step's one-row segments (the CPU's C BGMV, worker/kernels/lora_cpu)."""
+    """A kernel for one step's short segments (the CPU's C BGMV, worker/kernels/lora_cpu)."""
 
     def apply(
         self,
@@ -75,7 +75,7 @@ class LoraBatch:
     table: torch.Tensor | None = None  # CPU: the pool as γ-wide rows (lora_gather)
     out_cols: tuple[tuple[slice, ...], ...] = ()  # per group: each projection's columns
     decode_only: bool = False  # every row is its own segment's only token (BGMV)
-    rows_op: RowLora | None = None  # CPU: the one-row segments in C (instead of buckets)
+    rows_op: RowLora | None = None  # CPU: the short segments in C (instead of buckets)
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,8 @@ def lora_reference(
     group: int,
 ) -> None:
     """y[seg] += (x[seg] @ A_sᵀ) @ B_s for each segment's adapter, on views of the pool;
-    one-row segments run in the C kernel (lora_cpu) where it was built, or else bucketed
-    by adapter layout through gathered products (lora_gather)."""
+    short segments run in the C kernel (lora_cpu) where it was built; without it, one-row
+    segments are bucketed by adapter layout through gathered products (lora_gather)."""
     name = GROUPS[group]
     fused = [None if w is None else w.fused(layer, name) for w in lora.adapters]
     if any(f is not None for f in fused):
