@@ -6,6 +6,11 @@ Cases, all measured here in the same process so their ratios are comparable:
   tok_s_lora_distinct  our engine, 32 requests over 32 adapters (ranks 8/16, 7 projections)
   tok_s_lora_distinct_torch  the same without the CPU's C kernel (the torch gathers it falls
                        back to without a compiler): lora_tax_torch beside lora_tax
+  tok_s_lora_distinct_bf16   the same adapters stored in bfloat16 (lora_dtype=bfloat16: half
+                       the bytes per step, widened to float32 as read): lora_tax_bf16, its
+                       own bytes ceiling, and bf16_token_agreement, the share of greedy tokens
+                       equal to the float32-adapter run's (positions up to each request's
+                       first difference count as agreeing, the rest of that request not)
   tok_s_hf_base        HF transformers generate, one padded batch, base model
   tok_s_peft_mixed     PEFT generate(adapter_names=...) on the same prompts and adapters
   tok_s_base_nf4       our engine, base model only, projections NF4 (bitsandbytes, compute fp32)
@@ -96,6 +101,23 @@ def run_hf(model: Any, tok: Any, chats: list[Any], new: int, **kwargs: Any) -> i
     return int((out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0])
 
 
+def token_agreement(
+    exact: Engine, narrow: Engine, chats: list[Any], names: list[str], new: int
+) -> float:
+    """Share of greedy tokens the bfloat16-adapter engine shares with the float32 one: each
+    request agrees up to its first different token (after it, the contexts differ)."""
+    sampling = SamplingParams(max_tokens=new, ignore_eos=True)
+    want = exact.generate(chats, sampling, names)
+    got = narrow.generate(chats, sampling, names)
+    agreed = 0
+    for a, b in zip(want, got, strict=True):
+        for x, y in zip(a.token_ids, b.token_ids, strict=True):
+            if x != y:
+                break
+            agreed += 1
+    return agreed / sum(len(a.token_ids) for a in want)
+
+
 def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
     """Bytes per second moved by a large tensor copy (read + write), best of `repeats`."""
     src = torch.ones(nbytes // 4)
@@ -128,8 +150,11 @@ def main() -> int:
             EngineConfig(model=str(base_dir), max_num_seqs=n, cpu_kernels=False)
         )
         nf4 = Engine.from_config(EngineConfig(model=str(base_dir), max_num_seqs=n, quantize="nf4"))
+        bf16 = Engine.from_config(
+            EngineConfig(model=str(base_dir), max_num_seqs=n, lora_dtype="bfloat16")
+        )
         names = [f"a{i}" for i in range(n)]
-        for ours in (engine, gathers, nf4):
+        for ours in (engine, gathers, nf4, bf16):
             for name in names:
                 ours.register_adapter(name, Path(tmp) / name)
             run_ours(ours, chats[:2], names[:2], 2)  # warm-up (and loads nothing else)
@@ -139,6 +164,7 @@ def main() -> int:
             "tok_s_base": lambda: run_ours(engine, chats, [None] * n, new),
             "tok_s_lora_distinct": lambda: run_ours(engine, chats, list(names), new),
             "tok_s_lora_distinct_torch": lambda: run_ours(gathers, chats, list(names), new),
+            "tok_s_lora_distinct_bf16": lambda: run_ours(bf16, chats, list(names), new),
             "tok_s_hf_base": lambda: run_hf(hf, tok, chats, new),
             "tok_s_peft_mixed": lambda: run_hf(peft_model, tok, chats, new, adapter_names=names),
             "tok_s_base_nf4": lambda: run_ours(nf4, chats, [None] * n, new),
@@ -150,6 +176,7 @@ def main() -> int:
             for name, case in cases.items():
                 runs[name].append(timed(case))
         results = {name: max(values) for name, values in runs.items()}
+        results["bf16_token_agreement"] = token_agreement(engine, bf16, chats, names, new)
         results["base_bytes_fp32"] = weight_bytes(engine.model)
         results["base_bytes_nf4"] = weight_bytes(nf4.model)
         results["lora_bytes_per_step"] = sum(
@@ -168,6 +195,10 @@ def main() -> int:
     results["ratio_vs_peft"] = results["tok_s_lora_distinct"] / results["tok_s_peft_mixed"]
     results["lora_tax"] = results["tok_s_lora_distinct"] / results["tok_s_base"]
     results["lora_tax_torch"] = results["tok_s_lora_distinct_torch"] / results["tok_s_base"]
+    results["lora_tax_bf16"] = results["tok_s_lora_distinct_bf16"] / results["tok_s_base"]
+    results["lora_tax_ceiling_bf16"] = base_step_s / (
+        base_step_s + results["lora_bytes_per_step"] / 2 / bandwidth
+    )
     results["cpu_kernel"] = float(engine.cpu_lora is not None)
     results["base_vs_hf"] = results["tok_s_base"] / results["tok_s_hf_base"]
     results["lora_tax_nf4"] = results["tok_s_lora_distinct_nf4"] / results["tok_s_base_nf4"]

@@ -38,6 +38,9 @@ class EngineConfig:
     max_lora_rank: int = 128
     quantize: str | None = None  # nf4 | fp4 | int8: the base's projections (bitsandbytes)
     compute_dtype: str = "auto"  # the quantized matmuls' dtype; auto: the model dtype
+    # The adapters' stored dtype; auto: the model's. bfloat16 under a float32 model on the
+    # CPU reads half the bytes per LoRA step (weights rounded once, at load; model.loader).
+    lora_dtype: str = "auto"
     # The CPU's decode LoRA in C (worker/kernels/lora_cpu.c, built into cache_dir/kernels
     # with the host's compiler); off, or with no compiler, the torch gathers run instead.
     cpu_kernels: bool = True
@@ -65,6 +68,10 @@ class EngineConfig:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(
                 f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}"
+            )
+        if self.lora_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"lora_dtype must be auto, float32, bfloat16 or float16, not {self.lora_dtype!r}"
             )
         if self.quantize is not None:
             quant_kind(self.quantize)  # an unsupported name fails here, by name

@@ -70,7 +70,7 @@ def draft_proposer(
         raise ValueError(f"the draft is on {draft.device}, the target on {target.device}")
     geometry = DraftGeometry.fit(pool.geometry, c.num_layers, c.kv_size)
     runner = ModelRunner(
-        draft, geometry.kv_rows(pool.buffer), pool.flat, geometry.block_tokens, shape, cpu_lora
+        draft, geometry.kv_rows(pool.buffer), pool.lora, geometry.block_tokens, shape, cpu_lora
     )
     blocks = BlockManager(pool.allocator, geometry.block_tokens)
     own = is_cut_of(draft, target)

@@ -31,7 +31,13 @@ from worker.memory.block_manager import BlockManager
 from worker.memory.geometry import PageGeometry
 from worker.memory.pool import MemoryPool
 from worker.model.llama import LlamaModel
-from worker.model.loader import eos_ids, load_model, load_tokenizer, resolve_dtype
+from worker.model.loader import (
+    eos_ids,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_lora_dtype,
+)
 from worker.model.source import resolve_model_dir
 from worker.runner import ModelRunner
 from worker.scheduler import Scheduler, SchedulerLimits
@@ -102,12 +108,13 @@ class Engine:
         self.tokenizer = tokenizer
         geometry = page_geometry(model, config.page_size)
         num_pages = config.num_pages or geometry.pages_for_budget(config.memory_mb)
-        self.pool = MemoryPool(geometry, num_pages, model.dtype, model.device)
+        lora_dtype = resolve_lora_dtype(config.lora_dtype, model.dtype, model.device)
+        self.pool = MemoryPool(geometry, num_pages, model.dtype, model.device, lora_dtype)
         loader = adapter_loader or partial(
             load_host_adapter,
             base=model.config.spec,
             max_rank=config.max_lora_rank,
-            dtype=model.dtype,
+            dtype=lora_dtype,
             pin=model.device.type == "cuda",
         )
         host = HostCache(loader, config.host_cache_mb * 2**20)
@@ -130,7 +137,7 @@ class Engine:
         self.runner = ModelRunner(
             model,
             self.pool.kv_rows,
-            self.pool.flat,
+            self.pool.lora,
             config.page_size,
             model_shape(model.config),
             self.cpu_lora,

@@ -36,10 +36,12 @@ def tiny_shape(layers: int = 2, hidden: int = 16, kv: int = 8, mlp: int = 32) ->
     )
 
 
-def tiny_pool(num_pages: int, page_tokens: int = 4, layers: int = 2) -> MemoryPool:
-    """Pages of layers · 2 · page_tokens · 8 elements (kv = 2 heads of 4)."""
+def tiny_pool(
+    num_pages: int, page_tokens: int = 4, layers: int = 2, lora_dtype: torch.dtype | None = None
+) -> MemoryPool:
+    """Pages of layers · 2 · page_tokens · 8 elements (kv = 2 heads of 4), float32."""
     geometry = PageGeometry(layers, page_tokens, 2, 4, itemsize=4)
-    return MemoryPool(geometry, num_pages, torch.float32, torch.device("cpu"))
+    return MemoryPool(geometry, num_pages, torch.float32, torch.device("cpu"), lora_dtype)
 
 
 def random_host_adapter(

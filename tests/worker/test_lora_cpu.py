@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.worker.memory_helpers import manager_with, random_host_adapter, tiny_shape, wait_on_host
-from tests.worker.test_lora_gather import LAYOUTS, POPULARITY, RANKS, pool_of, separate
+from tests.worker.test_lora_gather import LAYOUTS, POPULARITY, RANKS, narrowed, pool_of, separate
 from worker.kernels import lora_cpu
 from worker.kernels.lora_cpu import CpuLora
 from worker.kernels.lora_meta import GROUP_PROJECTIONS, PROJECTIONS, LoraStepMeta
@@ -32,17 +32,22 @@ def kernel(tmp_path_factory: pytest.TempPathFactory) -> CpuLora:
 
 
 def batch_of(
-    slots: list[int], ranks: str
+    slots: list[int], ranks: str, rows_dtype: torch.dtype = torch.float32
 ) -> tuple[dict[str, HostAdapter], list[ResidentAdapter], LoraStepMeta]:
+    """The adapters of `slots` paged into a scattered float32 pool whose adapter rows are
+    `rows_dtype` (EngineConfig.lora_dtype), and the step's metadata."""
     shape = tiny_shape()
     names = sorted({f"a{s}" for s in slots if s >= 0})
     hosts = {
-        name: random_host_adapter(
-            name, LAYOUTS[i % 2](RANKS[ranks][i % len(RANKS[ranks])]), shape, seed=i
+        name: narrowed(
+            random_host_adapter(
+                name, LAYOUTS[i % 2](RANKS[ranks][i % len(RANKS[ranks])]), shape, seed=i
+            ),
+            rows_dtype,
         )
         for i, name in enumerate(names)
     }
-    pool = pool_of(torch.float32, 6000)
+    pool = pool_of(torch.float32, 6000, rows_dtype)
     manager = manager_with(pool, shape, hosts)
     residents = []
     for name in names:
@@ -52,7 +57,7 @@ def batch_of(
         residents.append(resident)
     row_slots = [names.index(f"a{s}") if s >= 0 else -1 for s in slots]
     tables = slot_tables(residents)
-    meta = _step_meta(pool.flat, tables, Segments.from_rows(row_slots), row_slots, 1)
+    meta = _step_meta(pool.lora, tables, Segments.from_rows(row_slots), row_slots, 1)
     return hosts, residents, meta
 
 
@@ -64,16 +69,22 @@ RUNS = {
 }
 
 
+@pytest.mark.parametrize("rows_dtype", list(lora_cpu.WEIGHT_DTYPES), ids=str)
 @pytest.mark.parametrize("ranks", list(RANKS))
 @pytest.mark.parametrize("popularity", [*POPULARITY, *RUNS])
 @pytest.mark.parametrize("batch", [1, 5, 16])
-def test_kernel_matches_float64(kernel: CpuLora, ranks: str, popularity: str, batch: int) -> None:
+def test_kernel_matches_float64(
+    kernel: CpuLora, rows_dtype: torch.dtype, ranks: str, popularity: str, batch: int
+) -> None:
+    """Adapter rows float32 or bfloat16 (widened as read: the reference reads them as
+    stored, so both are held to float32's bound)."""
     shape = tiny_shape()
     if popularity in RUNS:
         slots = RUNS[popularity](batch)
     else:
         slots = separate(POPULARITY[popularity](batch))
-    hosts, _, meta = batch_of(slots, ranks)
+    hosts, _, meta = batch_of(slots, ranks, rows_dtype)
+    assert meta.pool.dtype == rows_dtype
     names = sorted(hosts)
     # Every third adapter row is left to another op (slot -1 for the kernel): untouched
     # (runs are kept whole, to cross the kernel's task boundaries).
@@ -121,6 +132,8 @@ def test_bad_arguments_are_refused_before_the_kernel_runs(kernel: CpuLora) -> No
         step.apply(x, y, 0, 0, cols[:2])
     with pytest.raises(ValueError, match="slot"):
         kernel.step(meta, torch.tensor([0, 9, -1, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="dtype"):  # rows it has no entry point for
+        kernel.step(_replace(meta, pool=meta.pool.to(torch.float16)), meta.row_slot)
     outside = meta.row_addr.clone()
     outside[0] = meta.pool.numel()
     with pytest.raises(ValueError, match="outside the pool"):

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from tests.worker.adapters import make_adapter
@@ -126,5 +127,57 @@ def test_one_row_per_adapter_matches_peft(
     for name, result in zip(names, results, strict=True):
         ref = peft_greedy(model.eval(), name, prompt, new_tokens=6)
         assert result.token_ids == ref, f"adapter {name}"
+        outputs.add(tuple(ref))
+    assert len(outputs) >= 4  # the adapters really differ
+
+
+def _round_to_bfloat16(adapter_dir: Path) -> None:
+    """The adapter's weights rounded to bfloat16, saved as float32: the numbers a
+    `lora_dtype=bfloat16` engine stores (its scales below are powers of two, so folding
+    them into B after rounding is exact)."""
+    path = adapter_dir / "adapter_model.safetensors"
+    save_file({k: v.to(torch.bfloat16).float() for k, v in load_file(path).items()}, path)
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["C kernel", "torch gathers"])
+def test_bfloat16_adapter_rows_match_peft_on_the_rounded_weights(
+    tmp_path: Path, tiny_model: Any, cpu_kernels: bool
+) -> None:
+    """lora_dtype=bfloat16 under a float32 model: adapter rows are stored in bfloat16 in
+    the float32 pool and widened as they are read, by the C kernel (decodes, short prompts),
+    by the torch gathers and by the GEMMs on views (a prompt longer than the kernel takes).
+    PEFT in float32 on the rounded weights gives the same greedy tokens."""
+    from worker.config import EngineConfig
+    from worker.runner import KERNEL_SEGMENT_ROWS
+
+    base = tiny_model("llama")
+    specs = [dict(r=4, alpha=8), dict(r=8, alpha=8), dict(r=4, alpha=16), dict(r=8, alpha=4)]
+    dirs = {
+        f"t{i}": make_adapter(base, tmp_path / f"t{i}", seed=i, std=0.3, **spec)
+        for i, spec in enumerate(specs)
+    }
+    for path in dirs.values():
+        _round_to_bfloat16(path)
+    config = EngineConfig(model=str(base), cpu_kernels=cpu_kernels, lora_dtype="bfloat16")
+    engine = Engine.from_config(config)
+    assert engine.pool.lora.dtype == torch.bfloat16 and engine.pool.dtype == torch.float32
+    assert (engine.cpu_lora is not None) == cpu_kernels
+    for name, path in dirs.items():
+        engine.register_adapter(name, path)
+    short = [5, 17, 300, 4000, 12]
+    long = [(7 * i + 3) % 1000 + 10 for i in range(KERNEL_SEGMENT_ROWS + 6)]
+    jobs: list[tuple[str | None, list[int]]] = [(n, short) for n in dirs]
+    jobs += [("t1", long), ("t2", long), (None, short)]
+    results = engine.generate(
+        [p for _, p in jobs], SamplingParams(max_tokens=6), [n for n, _ in jobs]
+    )
+    hf = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model = PeftModel.from_pretrained(hf, str(dirs["t0"]), adapter_name="t0")
+    for name in list(dirs)[1:]:
+        model.load_adapter(str(dirs[name]), adapter_name=name)
+    outputs = set()
+    for (name, prompt), result in zip(jobs, results, strict=True):
+        ref = peft_greedy(model.eval(), name, prompt, new_tokens=6)
+        assert result.token_ids == ref, f"adapter {name}, {len(prompt)}-token prompt"
         outputs.add(tuple(ref))
     assert len(outputs) >= 4  # the adapters really differ

@@ -21,6 +21,7 @@ from tests.worker.memory_helpers import (
     wait_on_host,
 )
 from worker.kernels.lora_meta import GROUPS, PROJECTIONS
+from worker.lora.adapter import HostAdapter, HostLora
 from worker.lora.layout import DoesNotFit, matrix_specs, place_rows, total_elems
 from worker.memory.allocator import OutOfPages, PageAllocator, PageKind
 
@@ -147,6 +148,47 @@ def test_paged_in_weights_read_back_through_views_and_gathers() -> None:
     first_a = int(resident.a_row[0, 0])
     row0 = pool.flat[int(resident.rows[first_a]) :][: shape.in_widths[0]]
     torch.testing.assert_close(row0, host.modules[(0, "q_proj")].a[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scattered", [False, True], ids=["one run", "scattered pages"])
+def test_bfloat16_rows_in_a_float32_pool(scattered: bool) -> None:
+    """lora_dtype=bfloat16: two adapter elements per pool element, so an adapter takes half
+    the pages; its rows read back exactly (the host copy is already bfloat16), and the KV
+    pages around them keep every bit."""
+    shape = tiny_shape()
+    ranks = {"q_proj": 7, "v_proj": 3, "gate_proj": 5, "down_proj": 9}
+    wide = random_host_adapter("a", ranks, shape, seed=3)
+    narrow = HostAdapter(
+        "a",
+        {k: HostLora(m.a.bfloat16(), m.b.bfloat16()) for k, m in wide.modules.items()},
+        wide.nbytes // 2,
+    )
+    pages_f32 = manager_with(tiny_pool(64), shape, {"a": wide})
+    wait_on_host(pages_f32, "a")
+    pool = tiny_pool(64, lora_dtype=torch.bfloat16)
+    assert pool.lora.numel() == 2 * pool.flat.numel() and pool.lora.dtype == torch.bfloat16
+    kv_pages = list(range(0, 64, 2)) if scattered else list(range(40, 64))
+    for page in kv_pages:
+        pool.allocator._free.remove(page)
+        pool.allocator._kind[page], pool.allocator._owner[page] = PageKind.KV, "kv"
+    pool.buffer[kv_pages] = torch.randn(len(kv_pages), pool.geometry.page_elems)
+    kv_before = pool.buffer[kv_pages].clone()
+    manager = manager_with(pool, shape, {"a": narrow})
+    wait_on_host(manager, "a")
+    assert manager.pages_needed("a") == -(-pages_f32.pages_needed("a") // 2)  # ⌈n / 2⌉
+    resident = manager.make_resident("a")
+    assert torch.equal(pool.buffer[kv_pages], kv_before)
+    for layer in range(shape.num_layers):
+        fused = resident.fused(layer, "qkv")
+        assert fused is not None and fused.a.dtype == torch.bfloat16
+        want = torch.cat([narrow.modules[(layer, m)].a for m in ("q_proj", "v_proj")])
+        assert torch.equal(fused.a, want)
+        down = resident.fused(layer, "down")
+        assert down is not None
+        assert torch.equal(down.parts[0].b, narrow.modules[(layer, "down_proj")].b)
+    first = int(resident.rows[int(resident.b_row[1, PROJECTIONS.index("v_proj")])])
+    row = pool.lora[first : first + shape.out_widths[PROJECTIONS.index("v_proj")]]
+    assert torch.equal(row, narrow.modules[(1, "v_proj")].b[0])
 
 
 def test_scattered_pages_are_gathered_correctly() -> None:

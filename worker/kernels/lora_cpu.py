@@ -36,9 +36,13 @@ from worker.kernels.lora_meta import GROUP_PROJECTIONS, GROUPS, PROJECTIONS, Lor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("lora_cpu.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+FLAGS: tuple[str, ...] = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+if platform.machine() in ("x86_64", "AMD64"):  # full-width AVX-512 where the CPU has it
+    FLAGS += ("-mprefer-vector-width=512",)
 _I64, _I32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
-# lora_bgmv_f32's parameters, in order (lora_cpu.c)
+# the adapter rows' dtypes it reads (x, y and its sums are float32), and their entry points
+WEIGHT_DTYPES = {torch.float32: "lora_bgmv_f32", torch.bfloat16: "lora_bgmv_bf16"}
+# lora_bgmv_f32's and lora_bgmv_bf16's parameters, in order (lora_cpu.c)
 _ARGTYPES: list[Any] = [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64]
 _ARGTYPES += [_I32, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I32]
 
@@ -48,9 +52,12 @@ class CpuLora:
     `apply` runs one layer and group."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self._fn = library.lora_bgmv_f32
-        self._fn.argtypes = _ARGTYPES
-        self._fn.restype = ctypes.c_int
+        # by the dtype of the pool's adapter rows (EngineConfig.lora_dtype)
+        self._fns: dict[torch.dtype, Callable[..., int]] = {}
+        for dtype, name in WEIGHT_DTYPES.items():
+            fn = getattr(library, name)
+            fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
+            self._fns[dtype] = fn
         self._checked: tuple[Any, ...] | None = None  # the tables last checked (identity)
 
     def step(self, meta: LoraStepMeta, row_slot: torch.Tensor) -> CpuLoraStep:
@@ -58,7 +65,7 @@ class CpuLora:
         runs (-1: not this kernel's; the runner gives long segments to GEMMs on views)."""
         device = torch.device("cpu")
         check_meta(meta, device, 0, 0)
-        check_tensor("meta.pool", meta.pool, dtype=torch.float32)
+        check_tensor("meta.pool", meta.pool, dtype=tuple(WEIGHT_DTYPES))
         check_tensor("row_slot", row_slot, dtype=torch.int32, device=device, ndim=1)
         check_tensor("row_slot", row_slot, contiguous=True)
         tables = tuple(getattr(meta, name) for name in _TABLES)
@@ -75,7 +82,7 @@ class CpuLora:
         n = meta.a_row.shape[0]
         if row_slot.numel() and int(row_slot.max()) >= n:
             raise ValueError(f"row_slot: slot {int(row_slot.max())} of {n}")
-        return CpuLoraStep(self._fn, meta, row_slot)
+        return CpuLoraStep(self._fns[meta.pool.dtype], meta, row_slot)
 
 
 @dataclass(frozen=True)

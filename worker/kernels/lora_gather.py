@@ -45,7 +45,7 @@ def shrink(
     """One gather of every row's A, then one batched matrix-vector product (no temporary
     of the product's size: the gather is read once more, by the bmm)."""
     nb, width = x.shape
-    a = table.index_select(0, index.reshape(-1)).view(nb, rank, width)
+    a = table.index_select(0, index.reshape(-1)).view(nb, rank, width).to(x.dtype)
     return torch.bmm(a, x.unsqueeze(2)).squeeze(2)
 
 
@@ -63,6 +63,9 @@ def expand(
     chunks = out_width // table.shape[1]
     bags = index.reshape(nb * chunks, rank)
     weights = v.unsqueeze(1).expand(nb, chunks, rank).reshape(nb * chunks, rank)
+    if table.dtype != v.dtype:  # narrower stored rows (EngineConfig.lora_dtype): widen first
+        rows = table.index_select(0, bags.reshape(-1)).view(nb * chunks, rank, -1).to(v.dtype)
+        return torch.bmm(weights.unsqueeze(1), rows).view(nb, out_width)
     summed = torch.nn.functional.embedding_bag(
         bags, table, mode="sum", per_sample_weights=weights.contiguous()
     )

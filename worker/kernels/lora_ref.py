@@ -72,7 +72,7 @@ def sgmv_shrink(
 ) -> list[torch.Tensor | None]:  # per segment: [len_s, r_s] or None
     out: list[torch.Tensor | None] = []
     for start, end, a_s, s in zip(segments.starts, segments.ends, a, scale, strict=True):
-        v_s = None if a_s is None else F.linear(x[start:end], a_s)
+        v_s = None if a_s is None else F.linear(x[start:end], a_s.to(x.dtype))
         out.append(v_s if v_s is None or s == 1.0 else v_s.mul_(s))
     return out
 
@@ -86,7 +86,7 @@ def sgmv_expand(
     for start, end, v_s, parts_s in zip(segments.starts, segments.ends, v, parts, strict=True):
         if v_s is not None:
             for p in parts_s:
-                y[start:end, p.out_cols].addmm_(v_s[:, p.rank_cols], p.b)
+                y[start:end, p.out_cols].addmm_(v_s[:, p.rank_cols], p.b.to(y.dtype))
 
 
 def bgmv_shrink(

@@ -118,7 +118,7 @@ class AdapterManager:
         adapter = self.host.peek(adapter_id)
         if adapter is None:
             raise KeyError(f"adapter {adapter_id!r} is not on the host")
-        return self.pool.geometry.pages_for_elems(total_elems(self._specs(adapter)))
+        return self.pool.pages_for_lora_elems(total_elems(self._specs(adapter)))
 
     def make_resident(self, adapter_id: str, touch: bool = True) -> ResidentAdapter:
         """The adapter in device pages, paging it in from the host tier if needed."""
@@ -152,8 +152,9 @@ class AdapterManager:
         return self.resident[adapter_id]
 
     def padding_elems(self) -> tuple[int, int]:
-        """(elements of adapter pages, elements of adapter weights) over resident adapters."""
-        page_elems = self.pool.geometry.page_elems
+        """(elements of adapter pages, elements of adapter weights) over resident adapters,
+        both counted in the adapters' dtype."""
+        page_elems = self.pool.lora_page_elems
         held = sum(len(r.pages) * page_elems for r in self.resident.values())
         return held, sum(r.weight_elems for r in self.resident.values())
 
@@ -179,9 +180,9 @@ class AdapterManager:
 
     def _allocate(self, adapter_id: str, specs: list[MatrixSpec]) -> tuple[list[int], list[int]]:
         """Pages for the rows (a contiguous run when there is one) and each row's address."""
-        allocator, page_elems = self.pool.allocator, self.pool.geometry.page_elems
+        allocator, page_elems = self.pool.allocator, self.pool.lora_page_elems
         pages = allocator.allocate_adapter(
-            self.pool.geometry.pages_for_elems(total_elems(specs)), adapter_id
+            self.pool.pages_for_lora_elems(total_elems(specs)), adapter_id
         )
         while True:
             try:

@@ -78,7 +78,7 @@ class Placed:
 class ResidentAdapter:
     adapter_id: str
     pages: list[int]
-    rows: torch.Tensor  # [R] int64 flat offsets in the pool of every row (device)
+    rows: torch.Tensor  # [R] int64 offsets in pool.lora of every row (device)
     a_row: torch.Tensor  # [L, G] int64: first A row of each group (-1: none), into `rows`
     a_rank: torch.Tensor  # [L, G] int32
     b_row: torch.Tensor  # [L, M] int64
@@ -135,7 +135,7 @@ class ResidentAdapter:
         width = placed.spec.width
         rows = self.rows[placed.first_row : placed.first_row + placed.spec.rows]
         index = rows[:, None] + torch.arange(width, device=rows.device)[None, :]
-        return self.pool.flat[index]  # gathered: this matrix's rows straddle scattered pages
+        return self.pool.lora[index]  # gathered: this matrix's rows straddle scattered pages
 
 
 def page_in(
@@ -202,7 +202,7 @@ def _write(
     rows = len(addresses)
     start = addresses[0]
     if addresses == list(range(start, start + rows * width, width)):
-        view = pool.flat[start : start + rows * width].view(rows, width)
+        view = pool.lora[start : start + rows * width].view(rows, width)
         view.copy_(host, non_blocking=True)
         return view
     # Scattered rows: one indexed copy of γ-wide chunks (every row starts at a multiple of
@@ -211,9 +211,9 @@ def _write(
     chunks = width // granule
     first = torch.tensor(addresses, dtype=torch.long) // granule
     index = (first[:, None] + torch.arange(chunks)[None, :]).reshape(-1)
-    table = pool.flat[: pool.flat.numel() // granule * granule].view(-1, granule)
+    table = pool.lora[: pool.lora.numel() // granule * granule].view(-1, granule)
     table.index_copy_(
-        0, index.to(pool.device), host.reshape(-1, granule).to(pool.device, pool.dtype)
+        0, index.to(pool.device), host.reshape(-1, granule).to(pool.device, table.dtype)
     )
     return None
 

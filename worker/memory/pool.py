@@ -3,7 +3,11 @@
     buffer [num_pages, E]                                   E = PageGeometry.page_elems
     kv view [num_pages, L, 2, page_tokens, n_kv, head_dim]  K = kv[:, l, 0], V = kv[:, l, 1]
     kv rows [num_pages · L · 2 · page_tokens, kv_size]      the same, one row per token slot
-    flat    [num_pages · E]                                 adapter rows, by element offset
+    flat    [num_pages · E]                                 the buffer, by element offset
+    lora    [num_pages · E · ρ]                             adapter rows, by offset in their
+                                                            own dtype (ρ = its elements per
+                                                            pool element: 1, or 2 for bf16
+                                                            rows in a float32 pool)
 
 Nothing else in the worker allocates KV or adapter storage: both live here, counted in
 one budget by the PageAllocator.
@@ -24,9 +28,14 @@ class MemoryPool:
         num_pages: int,
         dtype: torch.dtype,
         device: torch.device,
+        lora_dtype: torch.dtype | None = None,  # the adapter rows' (default: the pool's)
     ) -> None:
         if torch.empty((), dtype=dtype).element_size() != geometry.itemsize:
             raise ValueError("the geometry's itemsize does not match the pool dtype")
+        lora_dtype = dtype if lora_dtype is None else lora_dtype
+        lora_itemsize = torch.empty((), dtype=lora_dtype).element_size()
+        if geometry.itemsize % lora_itemsize:
+            raise ValueError(f"adapter rows in {lora_dtype} do not tile a {dtype} pool")
         self.geometry = geometry
         self.allocator = PageAllocator(num_pages)
         # Zeroed once: a KV slot is always written before it is read, but zeros keep a
@@ -38,6 +47,9 @@ class MemoryPool:
         )
         self.kv_rows = self.buffer.view(-1, g.kv_size)
         self.flat = self.buffer.view(-1)
+        # Adapter rows are addressed in their own dtype (row tables, layout, kernels).
+        self.lora = self.flat.view(lora_dtype)
+        self.lora_page_elems = g.page_elems * (g.itemsize // lora_itemsize)
 
     @property
     def num_pages(self) -> int:
@@ -50,6 +62,10 @@ class MemoryPool:
     @property
     def dtype(self) -> torch.dtype:
         return self.buffer.dtype
+
+    def pages_for_lora_elems(self, elems: int) -> int:
+        """Pages for `elems` adapter elements laid contiguously (a lower bound when scattered)."""
+        return -(-elems // self.lora_page_elems)
 
     def kv_layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of one layer, each [num_pages, page_tokens, n_kv, head_dim] (strided views)."""
