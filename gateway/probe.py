@@ -35,12 +35,16 @@ class RedisProbe:
         health_servicer: health.aio.HealthServicer,
         metrics: GatewayMetrics,
         interval_s: float,
+        timeout_s: float,  # a probe slower than this counts as Redis down
     ) -> None:
         self._client = client
         self._producer = producer
         self._health = health_servicer
         self._metrics = metrics
         self._interval_s = interval_s
+        # Never shorter than the Redis client's own timeout: a slow answer on a loaded host
+        # is not an outage (a short probe interval once refused requests on a busy CI host).
+        self._timeout_s = max(timeout_s, interval_s * 2)
         self.up = False
         self.live_workers = 0
         self._zero_since: float | None = None  # monotonic time the count was first seen at 0
@@ -55,7 +59,7 @@ class RedisProbe:
 
     async def check(self) -> bool:
         try:
-            live = await asyncio.wait_for(self._producer.live_workers(), self._interval_s * 2)
+            live = await asyncio.wait_for(self._producer.live_workers(), self._timeout_s)
             self._metrics.set_depths(await self._producer.depths())
         except (redis.RedisError, TimeoutError, OSError) as exc:
             if self.up:

@@ -84,7 +84,9 @@ def build(s: GatewaySettings, registry: Registry, metrics: GatewayMetrics) -> Ga
     client = keys.async_client(s.redis_url, s.redis_timeout_s)
     producer = Producer(client, s.queue_limits)
     health_servicer = health.aio.HealthServicer()
-    probe = RedisProbe(client, producer, health_servicer, metrics, s.probe_interval_s)
+    probe = RedisProbe(
+        client, producer, health_servicer, metrics, s.probe_interval_s, s.redis_timeout_s
+    )
     resolver = CachedResolver(registry, s.registry_cache_s, s.registry_timeout_s)
     tasks = BackgroundTasks(on_error=metrics.task_errors.inc)
     auth = TokenAuth(s.api_tokens, s.admin_tokens, _count_refusal(metrics))
