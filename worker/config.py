@@ -39,7 +39,7 @@ class EngineConfig:
     quantize: str | None = None  # nf4 | fp4 | int8: the base's projections (bitsandbytes)
     compute_dtype: str = "auto"  # the quantized matmuls' dtype; auto: the model dtype
     # The adapters' stored dtype; auto: the model's. bfloat16 under a float32 model on the
-    # CPU reads half the bytes per LoRA step (weights rounded once, at load; model.loader).
+    # CPU reads half the bytes per LoRA step (weights rounded once, at load; memory.pool).
     lora_dtype: str = "auto"
     # The CPU's decode LoRA in C (worker/kernels/lora_cpu.c, built into cache_dir/kernels
     # with the host's compiler); off, or with no compiler, the torch gathers run instead.

@@ -29,15 +29,9 @@ from worker.lora.manager import AdapterManager, Tier
 from worker.lora.resident import model_shape
 from worker.memory.block_manager import BlockManager
 from worker.memory.geometry import PageGeometry
-from worker.memory.pool import MemoryPool
+from worker.memory.pool import MemoryPool, lora_dtype_for
 from worker.model.llama import LlamaModel
-from worker.model.loader import (
-    eos_ids,
-    load_model,
-    load_tokenizer,
-    resolve_dtype,
-    resolve_lora_dtype,
-)
+from worker.model.loader import eos_ids, load_model, load_tokenizer, resolve_dtype
 from worker.model.source import resolve_model_dir
 from worker.runner import ModelRunner
 from worker.scheduler import Scheduler, SchedulerLimits
@@ -108,7 +102,7 @@ class Engine:
         self.tokenizer = tokenizer
         geometry = page_geometry(model, config.page_size)
         num_pages = config.num_pages or geometry.pages_for_budget(config.memory_mb)
-        lora_dtype = resolve_lora_dtype(config.lora_dtype, model.dtype, model.device)
+        lora_dtype = lora_dtype_for(config.lora_dtype, model.dtype, model.device)
         self.pool = MemoryPool(geometry, num_pages, model.dtype, model.device, lora_dtype)
         loader = adapter_loader or partial(
             load_host_adapter,

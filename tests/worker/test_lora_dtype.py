@@ -9,7 +9,7 @@ import torch
 
 from worker.__main__ import engine_config, parser
 from worker.config import EngineConfig
-from worker.model.loader import resolve_lora_dtype
+from worker.memory.pool import lora_dtype_for
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -28,7 +28,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 def test_accepted_combinations(
     name: str, model: torch.dtype, device: torch.device, stored: torch.dtype
 ) -> None:
-    assert resolve_lora_dtype(name, model, device) == stored
+    assert lora_dtype_for(name, model, device) == stored
 
 
 @pytest.mark.parametrize(
@@ -44,7 +44,7 @@ def test_refused_combinations_say_what_is_supported(
     name: str, model: torch.dtype, device: torch.device
 ) -> None:
     with pytest.raises(ValueError, match=f"lora_dtype {name} with a .* model on {device.type}"):
-        resolve_lora_dtype(name, model, device)
+        lora_dtype_for(name, model, device)
 
 
 def test_an_unknown_name_is_refused_by_the_config() -> None:

@@ -21,6 +21,25 @@ from worker.memory.allocator import PageAllocator
 from worker.memory.geometry import PageGeometry
 
 
+def lora_dtype_for(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype adapter rows are stored in (pages and host cache): EngineConfig.lora_dtype.
+
+    auto: the model's. bfloat16 under a float32 model on the CPU halves the bytes a LoRA
+    step reads (the C kernel widens each weight to float32 as it loads it; like vLLM's
+    --lora-dtype); on other devices the kernels read adapters in the model's dtype.
+    """
+    dtype = model_dtype if name == "auto" else getattr(torch, name)
+    if dtype == model_dtype:
+        return dtype
+    if dtype == torch.bfloat16 and model_dtype == torch.float32 and device.type == "cpu":
+        return dtype
+    raise ValueError(
+        f"lora_dtype {name} with a {str(model_dtype).removeprefix('torch.')} model on "
+        f"{device.type}: adapters are stored in the model's dtype, or in bfloat16 under a "
+        "float32 model on the CPU"
+    )
+
+
 class MemoryPool:
     def __init__(
         self,

@@ -41,33 +41,11 @@ MODEL_CLASSES: dict[str, type[LlamaModel]] = {
 MakeLinear = Callable[[str, torch.Tensor | None], Linear]
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: float32 on CPU, bfloat16 on CUDA."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
-
-
-def resolve_lora_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype adapter rows are stored in (in the page pool and the host cache).
-
-    auto: the model's. bfloat16 under a float32 model on the CPU halves the bytes a LoRA
-    step reads (the C kernel widens each weight to float32 as it loads it; like vLLM's
-    --lora-dtype); on other devices the kernels read adapters in the model's dtype.
-    """
-    dtype = model_dtype if name == "auto" else DTYPES[name]
-    if dtype == model_dtype:
-        return dtype
-    if dtype == torch.bfloat16 and model_dtype == torch.float32 and device.type == "cpu":
-        return dtype
-    raise ValueError(
-        f"lora_dtype {name} with a {str(model_dtype).removeprefix('torch.')} model on "
-        f"{device.type}: adapters are stored in the model's dtype, or in bfloat16 under a "
-        "float32 model on the CPU"
-    )
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def load_model(
