@@ -18,10 +18,15 @@ from worker.kernels.lora_cpu import CpuLora
 from worker.kernels.lora_meta import GROUP_PROJECTIONS, PROJECTIONS, LoraStepMeta
 from worker.kernels.lora_ref import Segments
 from worker.lora.adapter import HostAdapter
-from worker.lora.resident import ResidentAdapter
+from worker.lora.resident import ModelShape, ResidentAdapter
 from worker.runner import _step_meta, slot_tables
 
 TOLERANCE = 1e-5  # ‖out − ref‖ / ‖ref‖, float32
+
+
+def kernel_cols(shape: ModelShape) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Per group, each projection's (first column, width) in the fused output."""
+    return tuple(tuple((c.start, c.stop - c.start) for c in g) for g in shape.out_cols)
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +66,9 @@ def batch_of(
     return hosts, residents, meta
 
 
-# Runs of one adapter (prefill chunks, verifications: the kernel's tasks take up to 8
-# consecutive rows of one slot), shorter and longer than a task, between other rows.
+# Runs of one adapter (prefill chunks, verifications: the kernel's tasks take 4 to 32
+# consecutive rows of one slot, in tiles of four rows and a remainder row by row),
+# shorter and longer than a task, between other rows.
 RUNS = {
     "runs": lambda n: [0] * 11 + [1] * 3 + [-1] + [2] * (n + 4) + [0, 1, 1],
     "one long run": lambda n: [0] * (n + 9),
@@ -92,7 +98,7 @@ def test_kernel_matches_float64(
     given = torch.tensor(
         [s if k else -1 for s, k in zip(meta.row_slot.tolist(), keep, strict=True)]
     )
-    step = kernel.step(meta, given.to(torch.int32))
+    step = kernel.step(meta, given.to(torch.int32), kernel_cols(shape))
     gen = torch.Generator().manual_seed(batch)
     for layer in range(shape.num_layers):
         for g, projections in enumerate(GROUP_PROJECTIONS):
@@ -105,8 +111,7 @@ def test_kernel_matches_float64(
                     lora = adapter.modules.get((layer, PROJECTIONS[p])) if adapter else None
                     if lora is not None:
                         want[row, cols] += x[row].double() @ lora.a.double().t() @ lora.b.double()
-            y_cols = [(c.start, c.stop - c.start) for c in shape.out_cols[g]]
-            step.apply(x, y, layer, g, y_cols)
+            step.apply(x, y, layer, g)
             error = (y.double() - want).norm() / want.norm()
             assert error <= TOLERANCE, f"layer {layer} group {g}: {error:.2e}"
             untouched = [row for row, slot in enumerate(given.tolist()) if slot < 0]
@@ -116,33 +121,38 @@ def test_kernel_matches_float64(
 def test_bad_arguments_are_refused_before_the_kernel_runs(kernel: CpuLora) -> None:
     shape = tiny_shape()
     _, _, meta = batch_of([0, 1, -1, 2], "ranks 4-16")
-    step = kernel.step(meta, meta.row_slot)
+    cols = kernel_cols(shape)
+    step = kernel.step(meta, meta.row_slot, cols)
     x = torch.randn(4, shape.in_widths[0])
     y = torch.zeros(4, shape.out_cols[0][-1].stop)
-    cols = [(c.start, c.stop - c.start) for c in shape.out_cols[0]]
     with pytest.raises(ValueError, match="dtype"):
-        step.apply(x.double(), y, 0, 0, cols)
+        step.apply(x.double(), y, 0, 0)
     with pytest.raises(ValueError, match="rows"):
-        step.apply(x[:3], y[:3], 0, 0, cols)
+        step.apply(x[:3], y[:3], 0, 0)
     with pytest.raises(ValueError, match="contiguous"):
-        step.apply(x, torch.zeros(y.shape[1], 4).t(), 0, 0, cols)
-    with pytest.raises(ValueError, match="out of range"):
-        step.apply(x, y, shape.num_layers, 0, cols)
-    with pytest.raises(ValueError, match="out_cols"):
-        step.apply(x, y, 0, 0, cols[:2])
+        step.apply(x, torch.zeros(y.shape[1], 4).t(), 0, 0)
+    for layer, group in ((shape.num_layers, 0), (-1, 0), (0, len(GROUP_PROJECTIONS))):
+        with pytest.raises(ValueError, match="out of range"):
+            step.apply(x, y, layer, group)
+    with pytest.raises(ValueError, match="outside y"):  # y narrower than the group's parts
+        step.apply(x, y[:, : y.shape[1] - 1], 0, 0)
+    with pytest.raises(ValueError, match="out_cols"):  # q, k and v: three parts, not two
+        kernel.step(meta, meta.row_slot, (cols[0][:2], *cols[1:]))
+    with pytest.raises(ValueError, match="out_cols"):  # a group missing
+        kernel.step(meta, meta.row_slot, cols[:3])
     with pytest.raises(ValueError, match="slot"):
-        kernel.step(meta, torch.tensor([0, 9, -1, 2], dtype=torch.int32))
+        kernel.step(meta, torch.tensor([0, 9, -1, 2], dtype=torch.int32), cols)
     with pytest.raises(ValueError, match="dtype"):  # rows it has no entry point for
-        kernel.step(_replace(meta, pool=meta.pool.to(torch.float16)), meta.row_slot)
+        kernel.step(_replace(meta, pool=meta.pool.to(torch.float16)), meta.row_slot, cols)
     outside = meta.row_addr.clone()
     outside[0] = meta.pool.numel()
     with pytest.raises(ValueError, match="outside the pool"):
-        kernel.step(_replace(meta, row_addr=outside), meta.row_slot)
+        kernel.step(_replace(meta, row_addr=outside), meta.row_slot, cols)
     past = meta.b_col.clone()
     past[0, 0, 0] = int(meta.a_rank[0, 0, 0])  # q's ranks would start past the A rows
     if int(meta.b_rank[0, 0, 0]) > 0:
         with pytest.raises(ValueError, match="b_col"):
-            kernel.step(_replace(meta, b_col=past), meta.row_slot)
+            kernel.step(_replace(meta, b_col=past), meta.row_slot, cols)
     assert torch.equal(y, torch.zeros_like(y))  # nothing ran
 
 

@@ -48,7 +48,7 @@ _ARGTYPES += [_I32, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I32]
 
 
 class CpuLora:
-    """The loaded library: `step(meta)` validates one step's tables once; the step's
+    """The loaded library: `step(meta, ...)` validates one step's tables once; the step's
     `apply` runs one layer and group."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
@@ -59,10 +59,18 @@ class CpuLora:
             fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
             self._fns[dtype] = fn
         self._checked: tuple[Any, ...] | None = None  # the tables last checked (identity)
+        self._out_cols: dict[tuple[tuple[tuple[int, int], ...], ...], tuple[_Parts, ...]] = {}
 
-    def step(self, meta: LoraStepMeta, row_slot: torch.Tensor) -> CpuLoraStep:
+    def step(
+        self,
+        meta: LoraStepMeta,
+        row_slot: torch.Tensor,
+        out_cols: Sequence[Sequence[tuple[int, int]]],
+    ) -> CpuLoraStep:
         """The step's tables, checked: `row_slot` [T] int32 picks the rows this kernel
-        runs (-1: not this kernel's; the runner gives long segments to GEMMs on views)."""
+        runs (-1: not this kernel's; the runner gives long segments to GEMMs on views);
+        `out_cols[g]` holds (first column, width) of each of group g's projections in its
+        fused output y."""
         device = torch.device("cpu")
         check_meta(meta, device, 0, 0)
         check_tensor("meta.pool", meta.pool, dtype=tuple(WEIGHT_DTYPES))
@@ -82,7 +90,33 @@ class CpuLora:
         n = meta.a_row.shape[0]
         if row_slot.numel() and int(row_slot.max()) >= n:
             raise ValueError(f"row_slot: slot {int(row_slot.max())} of {n}")
-        return CpuLoraStep(self._fns[meta.pool.dtype], meta, row_slot)
+        return CpuLoraStep(self._fns[meta.pool.dtype], meta, row_slot, self._parts(out_cols))
+
+    def _parts(self, out_cols: Sequence[Sequence[tuple[int, int]]]) -> tuple[_Parts, ...]:
+        """Each group's parts as C arrays, checked once per distinct `out_cols` (a model's)."""
+        key = tuple(tuple((int(c), int(w)) for c, w in group) for group in out_cols)
+        parts = self._out_cols.get(key)
+        if parts is None:
+            if len(key) != len(GROUPS):
+                raise ValueError(f"out_cols: {len(key)} groups, expected {len(GROUPS)}")
+            built = []
+            for g, cols in enumerate(key):
+                checked = check_out_cols(cols, g, max((c + w for c, w in cols), default=0))
+                starts = (ctypes.c_int64 * len(checked))(*(c for c, _ in checked))
+                widths = (ctypes.c_int64 * len(checked))(*(w for _, w in checked))
+                built.append(_Parts(starts, widths, len(checked), max(c + w for c, w in checked)))
+            parts = self._out_cols[key] = tuple(built)
+        return parts
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """One group's projections in its fused output: first columns and widths (C arrays)."""
+
+    starts: Any
+    widths: Any
+    count: int
+    reach: int  # the columns y must have
 
 
 @dataclass(frozen=True)
@@ -90,25 +124,32 @@ class CpuLoraStep:
     fn: Callable[..., int]
     meta: LoraStepMeta
     row_slot: torch.Tensor  # [T] int32
-    # per (group, out_cols): the parts' first columns and widths as C arrays, and the
-    # columns they reach, built once
-    _parts: dict[tuple[int, tuple[tuple[int, int], ...]], tuple[Any, Any, int]] = field(
-        default_factory=dict, repr=False
-    )
-    # The call's arguments that hold for the whole step, prepared once: a call comes right
-    # after a base GEMM, whose weights have pushed the interpreter's data out of the caches,
-    # and there every attribute read costs (a per-call wrapper measured ~38 µs there).
-    _head: tuple[int, ...] = field(init=False, repr=False)
-    _tail: tuple[int, int, int] = field(init=False, repr=False)  # row_slot, rows, layers
+    parts: tuple[_Parts, ...]  # per group
+    # Every call's arguments but x's and y's, prepared once per step: a call comes right
+    # after a base GEMM, whose weights have pushed the interpreter's data out of the
+    # caches, and there every attribute read, conversion and check costs (a per-call
+    # wrapper measured ~38 µs there; the calls index this list and check x and y only).
+    _calls: list[tuple[Any, ...]] = field(init=False, repr=False)
+    _rows: int = field(init=False, repr=False)
+    _max_rank: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         meta, groups, projections = self.meta, len(GROUPS), len(PROJECTIONS)
         layers = int(meta.a_row.shape[1])
         tables = (meta.pool, meta.row_addr, meta.a_row, meta.a_rank, meta.b_row, meta.b_rank)
         head = (*(t.data_ptr() for t in tables), meta.b_col.data_ptr())
-        object.__setattr__(self, "_head", (*head, layers * groups, layers * projections))
-        tail = (self.row_slot.data_ptr(), self.row_slot.shape[0], layers)
-        object.__setattr__(self, "_tail", tail)
+        head += (layers * groups, layers * projections)
+        rows = self.row_slot.shape[0]
+        tail = (self.row_slot.data_ptr(), rows)
+        calls = []
+        for layer in range(layers):
+            for g, part in enumerate(self.parts):
+                first = layer * projections + GROUP_PROJECTIONS[g][0]
+                offsets = (layer * groups + g, first, part.count, part.starts, part.widths)
+                calls.append((*head, *offsets, *tail))
+        object.__setattr__(self, "_calls", calls)
+        object.__setattr__(self, "_rows", rows)
+        object.__setattr__(self, "_max_rank", max(1, meta.max_rank))
 
     def apply(
         self,
@@ -116,11 +157,10 @@ class CpuLoraStep:
         y: torch.Tensor,  # [T, out_total] float32, updated in place
         layer: int,
         group: int,
-        out_cols: Sequence[tuple[int, int]],
     ) -> None:
         """y[t] += the LoRA of row t's adapter for `layer` and `group`, every row with a slot."""
-        head, (row_slot, rows, num_layers) = self._head, self._tail
-        if not 0 <= layer < num_layers or not 0 <= group < len(GROUPS):
+        rows, groups = self._rows, len(GROUPS)
+        if not (0 <= group < groups and 0 <= layer * groups + group < len(self._calls)):
             raise ValueError(f"layer {layer}, group {group}: out of range")
         if not (_plain(x, rows) and _plain(y, rows)):  # the per-call fast path; else say why
             for name, t in (("x", x), ("y", y)):
@@ -128,31 +168,16 @@ class CpuLoraStep:
                 check_tensor(name, t, inner_contiguous=True)
                 if t.shape[0] != rows:
                     raise ValueError(f"{name}: {t.shape[0]} rows, the step has {rows}")
-        key = (group, tuple(out_cols))
-        parts = self._parts.get(key)
-        if parts is None:
-            checked = check_out_cols(out_cols, group, y.shape[1])
-            starts = (ctypes.c_int64 * len(checked))(*(c for c, _ in checked))
-            widths = (ctypes.c_int64 * len(checked))(*(w for _, w in checked))
-            parts = self._parts[key] = (starts, widths, max(c + w for c, w in checked))
-        starts, widths, reach = parts
-        if reach > y.shape[1]:
+        if self.parts[group].reach > y.shape[1]:
             raise ValueError(f"out_cols: a part outside y's {y.shape[1]} columns")
         status = self.fn(
-            *head,
-            layer * len(GROUPS) + group,
-            layer * len(PROJECTIONS) + GROUP_PROJECTIONS[group][0],
-            len(starts),
-            starts,
-            widths,
-            row_slot,
-            rows,
+            *self._calls[layer * groups + group],
             x.data_ptr(),
             x.stride(0),
             x.shape[1],
             y.data_ptr(),
             y.stride(0),
-            max(1, self.meta.max_rank),
+            self._max_rank,
         )
         if status != 0:
             raise MemoryError("the CPU LoRA kernel could not allocate its task list")

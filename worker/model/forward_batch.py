@@ -53,7 +53,6 @@ class RowLora(Protocol):
         y: torch.Tensor,
         layer: int,
         group: int,
-        out_cols: Sequence[tuple[int, int]],
     ) -> None: ...
 
 

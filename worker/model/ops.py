@@ -38,15 +38,15 @@ def lora_reference(
     """y[seg] += (x[seg] @ A_sᵀ) @ B_s for each segment's adapter, on views of the pool;
     short segments run in the C kernel (lora_cpu) where it was built; without it, one-row
     segments are bucketed by adapter layout through gathered products (lora_gather)."""
-    name = GROUPS[group]
-    fused = [None if w is None else w.fused(layer, name) for w in lora.adapters]
-    if any(f is not None for f in fused):
-        a = [None if f is None else f.a for f in fused]
-        v = lora_ref.sgmv_shrink(x, lora.segments, a, [1.0] * len(fused))
-        lora_ref.sgmv_expand(y, v, lora.segments, [() if f is None else f.parts for f in fused])
+    if lora.adapters:  # empty when the C kernel takes every segment
+        fused = [None if w is None else w.fused(layer, GROUPS[group]) for w in lora.adapters]
+        if any(f is not None for f in fused):
+            a = [None if f is None else f.a for f in fused]
+            v = lora_ref.sgmv_shrink(x, lora.segments, a, [1.0] * len(fused))
+            parts = [() if f is None else f.parts for f in fused]
+            lora_ref.sgmv_expand(y, v, lora.segments, parts)
     if lora.rows_op is not None:
-        cols = [(c.start, c.stop - c.start) for c in lora.out_cols[group]]
-        lora.rows_op.apply(x, y, layer, group, cols)
+        lora.rows_op.apply(x, y, layer, group)
     if lora.buckets and lora.table is not None:
         projections, out_cols = GROUP_PROJECTIONS[group], lora.out_cols[group]
         for bucket in lora.buckets:
