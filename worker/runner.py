@@ -54,10 +54,6 @@ class ModelRunner:
         self.shape = shape
         self.table = pool_flat.view(-1, shape.granule)  # the pool as γ-wide rows (CPU path)
         self._last_tables: SlotTables | None = None  # the previous step's, reused when it fits
-        # per group: (first column, width) of each projection in its fused output (C kernel)
-        self.kernel_cols = tuple(
-            tuple((c.start, c.stop - c.start) for c in group) for group in shape.out_cols
-        )
 
     def run(
         self, batch: list[ScheduledSeq], adapter_of: Callable[[str], ResidentAdapter]
@@ -150,7 +146,7 @@ class ModelRunner:
         if all(s < 0 for s in kernel_slots):
             return LoraBatch(segments, adapters, None, out_cols=self.shape.out_cols)
         meta = _step_meta(self.pool_flat, self._tables(residents), segments, kernel_slots, 1)
-        step = kernel.step(meta, meta.row_slot, self.kernel_cols)
+        step = kernel.step(meta, meta.row_slot, self.shape.out_cols)
         return LoraBatch(segments, adapters, meta, out_cols=self.shape.out_cols, rows_op=step)
 
     def _groups(self, batch: list[ScheduledSeq], device: torch.device) -> list[AttentionGroup]:

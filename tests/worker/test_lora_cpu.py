@@ -18,15 +18,10 @@ from worker.kernels.lora_cpu import CpuLora
 from worker.kernels.lora_meta import GROUP_PROJECTIONS, PROJECTIONS, LoraStepMeta
 from worker.kernels.lora_ref import Segments
 from worker.lora.adapter import HostAdapter
-from worker.lora.resident import ModelShape, ResidentAdapter
+from worker.lora.resident import ResidentAdapter
 from worker.runner import _step_meta, slot_tables
 
 TOLERANCE = 1e-5  # ‖out − ref‖ / ‖ref‖, float32
-
-
-def kernel_cols(shape: ModelShape) -> tuple[tuple[tuple[int, int], ...], ...]:
-    """Per group, each projection's (first column, width) in the fused output."""
-    return tuple(tuple((c.start, c.stop - c.start) for c in g) for g in shape.out_cols)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +93,7 @@ def test_kernel_matches_float64(
     given = torch.tensor(
         [s if k else -1 for s, k in zip(meta.row_slot.tolist(), keep, strict=True)]
     )
-    step = kernel.step(meta, given.to(torch.int32), kernel_cols(shape))
+    step = kernel.step(meta, given.to(torch.int32), shape.out_cols)
     gen = torch.Generator().manual_seed(batch)
     for layer in range(shape.num_layers):
         for g, projections in enumerate(GROUP_PROJECTIONS):
@@ -121,7 +116,7 @@ def test_kernel_matches_float64(
 def test_bad_arguments_are_refused_before_the_kernel_runs(kernel: CpuLora) -> None:
     shape = tiny_shape()
     _, _, meta = batch_of([0, 1, -1, 2], "ranks 4-16")
-    cols = kernel_cols(shape)
+    cols = shape.out_cols
     step = kernel.step(meta, meta.row_slot, cols)
     x = torch.randn(4, shape.in_widths[0])
     y = torch.zeros(4, shape.out_cols[0][-1].stop)

@@ -65,12 +65,12 @@ class CpuLora:
         self,
         meta: LoraStepMeta,
         row_slot: torch.Tensor,
-        out_cols: Sequence[Sequence[tuple[int, int]]],
+        out_cols: Sequence[Sequence[slice]],
     ) -> CpuLoraStep:
         """The step's tables, checked: `row_slot` [T] int32 picks the rows this kernel
         runs (-1: not this kernel's; the runner gives long segments to GEMMs on views);
-        `out_cols[g]` holds (first column, width) of each of group g's projections in its
-        fused output y."""
+        `out_cols[g]` holds the columns of each of group g's projections in its fused
+        output y (ModelShape.out_cols)."""
         device = torch.device("cpu")
         check_meta(meta, device, 0, 0)
         check_tensor("meta.pool", meta.pool, dtype=tuple(WEIGHT_DTYPES))
@@ -92,9 +92,9 @@ class CpuLora:
             raise ValueError(f"row_slot: slot {int(row_slot.max())} of {n}")
         return CpuLoraStep(self._fns[meta.pool.dtype], meta, row_slot, self._parts(out_cols))
 
-    def _parts(self, out_cols: Sequence[Sequence[tuple[int, int]]]) -> tuple[_Parts, ...]:
+    def _parts(self, out_cols: Sequence[Sequence[slice]]) -> tuple[_Parts, ...]:
         """Each group's parts as C arrays, checked once per distinct `out_cols` (a model's)."""
-        key = tuple(tuple((int(c), int(w)) for c, w in group) for group in out_cols)
+        key = tuple(tuple((int(c.start), int(c.stop - c.start)) for c in g) for g in out_cols)
         parts = self._out_cols.get(key)
         if parts is None:
             if len(key) != len(GROUPS):
