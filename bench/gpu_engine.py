@@ -57,16 +57,38 @@ def sample_tokens(model: Path, samples: Path, prompts: list[str], device: str) -
 
 
 def throughput(model: Path, copy_bytes_per_s: float, device: str) -> dict[str, Any]:
-    config = EngineConfig(model=str(model), device=device, dtype="bfloat16", max_num_seqs=ROWS)
-    engine = Engine.from_config(config, adapter_loader=_random_adapter_loader(config))
-    names = [f"a{i}" for i in range(ROWS)]
-    for name in names:
-        engine.register_adapter(name, Path(f"/random/{name}"))
-    cases = {"base": [None] * ROWS, "distinct": list(names), "shared": names[:4] * (ROWS // 4)}
-    step_s = {case: _decode_step_seconds(engine, adapters) for case, adapters in cases.items()}
+    """Decode step times with CUDA graphs (the default) and without (eager launches)."""
+    out: dict[str, Any] = {}
+    step_s: dict[str, float] = {}
+    for graphs in (True, False):
+        config = EngineConfig(
+            model=str(model), device=device, dtype="bfloat16", max_num_seqs=ROWS, cuda_graphs=graphs
+        )
+        engine = Engine.from_config(config, adapter_loader=_random_adapter_loader(config))
+        names = [f"a{i}" for i in range(ROWS)]
+        for name in names:
+            engine.register_adapter(name, Path(f"/random/{name}"))
+        cases: dict[str, list[str | None]] = {
+            "base": [None] * ROWS,
+            "distinct": list(names),
+            "shared": list(names[:4] * (ROWS // 4)),
+        }
+        times = {case: _decode_step_seconds(engine, adapters) for case, adapters in cases.items()}
+        key = "decode_step_ms" if graphs else "decode_step_ms_eager"
+        out[key] = {c: round(t * 1000, 3) for c, t in times.items()}
+        if graphs:
+            step_s = times
+            stats = engine.runner.graphs.stats if engine.runner.graphs is not None else None
+            out["cuda_graphs"] = None if stats is None else {
+                "replays": stats.replays, "eager_steps": stats.eager, "captures": stats.captures,
+                "failure": stats.failure,
+            }  # fmt: skip
+        else:
+            out["graph_speedup"] = {
+                c: round(t / step_s[c], 3) for c, t in times.items() if step_s.get(c)
+            }
     base_bytes = _checkpoint_params(model) * 2  # bf16
     adapter_bytes = {case: _adapter_bytes(config, set(a) - {None}) for case, a in cases.items()}
-    out: dict[str, Any] = {"decode_step_ms": {c: round(s * 1000, 3) for c, s in step_s.items()}}
     for case in ("distinct", "shared"):
         tax = step_s["base"] / step_s[case]
         ceiling = base_bytes / (base_bytes + adapter_bytes[case])

@@ -44,6 +44,9 @@ class EngineConfig:
     # The CPU's decode LoRA in C (worker/kernels/lora_cpu.c, built into cache_dir/kernels
     # with the host's compiler); off, or with no compiler, the torch gathers run instead.
     cpu_kernels: bool = True
+    # Decode steps replayed from CUDA graphs, one per batch bucket (worker/decode_graphs.py);
+    # CUDA with an unquantized base only (bitsandbytes' kernels are not captured).
+    cuda_graphs: bool = True
     # Speculative decoding (docs/speculative.md): the default of requests that do not choose.
     speculative: str = "none"  # none | ngram | draft
     num_speculative_tokens: int = 5  # γ: draft tokens per step, at most (1..16)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from worker import decode_graphs
 from worker.config import EngineConfig
 from worker.detokenizer import Detokenizer
 from worker.drafting import draft_proposer, load_draft
@@ -137,6 +138,7 @@ class Engine:
             self.cpu_lora,
         )
         self.max_len = min(config.max_model_len, num_pages * config.page_size)
+        self.runner.graphs = decode_graphs.for_engine(model, self.pool, config, self.max_len)
         self.eos_ids = eos_ids(model.config, tokenizer)
         self.speculator = Speculator(
             self.blocks, draft, model.device, self.max_len, config.speculative_adaptive

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.decode_graphs import DecodeGraphs
 from worker.kernels.lora_cpu import CpuLora
 from worker.kernels.lora_gather import GatherBucket
 from worker.kernels.lora_meta import LoraStepMeta
@@ -54,6 +55,7 @@ class ModelRunner:
         self.shape = shape
         self.table = pool_flat.view(-1, shape.granule)  # the pool as γ-wide rows (CPU path)
         self._last_tables: SlotTables | None = None  # the previous step's, reused when it fits
+        self.graphs: DecodeGraphs | None = None  # decode steps from CUDA graphs (the engine's)
 
     def run(
         self, batch: list[ScheduledSeq], adapter_of: Callable[[str], ResidentAdapter]
@@ -61,7 +63,8 @@ class ModelRunner:
         """Returns the batch in model order and logits [N, vocab] for its sampling rows."""
         ordered = sorted(batch, key=_model_order)
         forward = self.prepare(ordered, adapter_of)
-        return ordered, self.model.forward(forward, self.kv)
+        logits = None if self.graphs is None else self.graphs.run(forward)
+        return ordered, self.model.forward(forward, self.kv) if logits is None else logits
 
     def prepare(
         self, batch: list[ScheduledSeq], adapter_of: Callable[[str], ResidentAdapter]

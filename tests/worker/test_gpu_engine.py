@@ -61,3 +61,25 @@ def test_a_cuda_step_never_mixes_devices(adapters: tuple[Path, dict[str, Path]])
         while engine.has_unfinished():
             engine.step()
     assert check.device_ops > 100
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_steps_give_the_eager_tokens(
+    adapters: tuple[Path, dict[str, Path]],
+) -> None:
+    base, paths = adapters
+    tokens, engines = [], []
+    for graphs in (False, True):
+        config = EngineConfig(model=str(base), device="cuda", dtype="float32", cuda_graphs=graphs)
+        engine = Engine.from_config(config)
+        for name, path in paths.items():
+            engine.register_adapter(name, path)
+        names: list[str | None] = ["r4", None, "r16", "r4"]
+        sampling = SamplingParams(max_tokens=8, ignore_eos=True)
+        tokens.append([r.token_ids for r in engine.generate(PROMPTS, sampling, names)])
+        engines.append(engine)
+    assert tokens[1] == tokens[0]
+    assert engines[0].runner.graphs is None
+    graphs_used = engines[1].runner.graphs
+    assert graphs_used is not None and graphs_used.stats.failure is None
+    assert graphs_used.stats.replays > 0 and any(rank for _, rank in graphs_used.stats.keys)

@@ -51,6 +51,9 @@ class LlamaModel:
         self.norm = norm
         self.lm_head = lm_head
         self.ops: Ops = ops_for(embed.device)
+        # on the model's device once: a copy per step would be a host transfer inside a
+        # captured decode graph (worker/decode_graphs.py), where none may happen
+        self.inv_freq = config.inv_freq.to(embed.device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -98,8 +101,7 @@ class LlamaModel:
         return F.linear(h, self.lm_head).float()
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.config.inv_freq.to(positions.device)
-        freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, d/2]
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, d/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, d]
         scale = self.config.rope_attention_scaling
         return (emb.cos() * scale).to(self.dtype), (emb.sin() * scale).to(self.dtype)

@@ -1,0 +1,373 @@
+"""Decode steps replayed from CUDA graphs: one captured forward per batch bucket.
+
+A decode step of a small model on a GPU launches hundreds of small kernels (per layer:
+norms, GEMMs, RoPE, KV writes, paged attention, BGMV shrink and expand), and the launches
+cost more time than the bytes they read. As vLLM and SGLang do, the runner captures the
+model's forward for decode-only batches once per bucket and replays it: a step copies its
+inputs into static tensors, pads the rows past its own, replays, and reads its rows'
+logits.
+
+    buckets    batch sizes 1, 2, 4, 8, then multiples of 8 up to max_num_seqs; a graph
+               per (bucket, rank bound), captured on first use (lazily: a worker that
+               never runs 40 rows never captures 40)
+    fixed      at capture: the bucket B, the block-table width (max_len / page_tokens),
+               the LoRA rank bound (the step's largest group rank rounded up to a power of
+               two ≥ 16: the shrink output's width and grid), the adapter tables' capacity
+    per step   tokens, positions, KV slots, block tables, context lengths, each row's
+               adapter slot; the slots' row tables, copied only when they change
+    padding    rows n..B-1: no adapter, context length 1 over a scratch page this object
+               holds (their K/V writes land there, never in a sequence's page)
+    eager      prefills, verifications, batches past the largest bucket, block tables
+               wider than the capture's; a capture that fails is logged with its reason
+               and the runner stays eager from then on
+
+Decode LoRA in a graph is always BGMV (one adapter per row), also where rows share an
+adapter (eager SGMV runs those as segments): it reads the same tables, and shared rows
+meet their adapter in L2. `Replay.EAGER` runs the same static inputs through the ops
+without capturing, on any device: the tests check everything but the capture itself on
+the CPU, through Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from worker.config import EngineConfig
+from worker.kernels.lora_meta import GROUPS, PROJECTIONS, LoraStepMeta
+from worker.kernels.lora_ref import Segments
+from worker.lora.resident import model_shape
+from worker.memory.pool import MemoryPool
+from worker.model.forward_batch import ForwardBatch, LoraBatch, PagedAttention
+from worker.model.llama import LlamaModel
+
+log = logging.getLogger(__name__)
+
+SCRATCH_OWNER = "decode-graphs:padding"  # the allocator's owner of the padding rows' page
+MIN_RANK_BOUND = 16
+MIN_ROW_CAPACITY = 1 << 14  # adapter rows (row_addr entries) the static tables start with
+
+
+class Replay(enum.Enum):
+    CUDA = "cuda"  # torch.cuda.CUDAGraph: capture once, replay
+    EAGER = "eager"  # the static inputs through the ops each time (no capture: tests)
+
+
+def for_engine(
+    model: LlamaModel, pool: MemoryPool, config: EngineConfig, max_len: int
+) -> DecodeGraphs | None:
+    """CUDA graphs where they are asked for and can run: on CUDA, over an unquantized base
+    (bitsandbytes' kernels are not captured)."""
+    if not config.cuda_graphs or model.device.type != "cuda" or config.quantize is not None:
+        return None
+    return DecodeGraphs(model, pool, config.max_num_seqs, max_len)
+
+
+def buckets(max_batch: int) -> tuple[int, ...]:
+    """Batch sizes captured: 1, 2, 4, 8, 16, 24, ... and max_batch itself."""
+    sizes = [b for b in (1, 2, 4) if b < max_batch]
+    sizes += list(range(8, max_batch, 8))
+    return (*sizes, max_batch)
+
+
+def rank_bound(max_rank: int) -> int:
+    """A capture's LoRA rank bound for a step's largest group rank (0: no LoRA)."""
+    if max_rank <= 0:
+        return 0
+    bound = MIN_RANK_BOUND
+    while bound < max_rank:
+        bound *= 2
+    return bound
+
+
+@dataclass
+class _Tables:
+    """The slots' row tables at fixed addresses (LoraStepMeta's per-adapter part)."""
+
+    row_addr: torch.Tensor  # [R_cap] int64
+    a_row: torch.Tensor  # [n_cap, L, G] int64
+    a_rank: torch.Tensor  # [n_cap, L, G] int32
+    b_row: torch.Tensor  # [n_cap, L, M] int64
+    b_rank: torch.Tensor  # [n_cap, L, M] int32
+    b_col: torch.Tensor  # [n_cap, L, M] int32
+    source: tuple[torch.Tensor, ...] = ()  # the step tables last copied in (identity)
+
+    @staticmethod
+    def empty(rows: int, slots: int, layers: int, device: torch.device) -> _Tables:
+        def table(width: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(slots, layers, width, dtype=dtype, device=device)
+
+        g, m = len(GROUPS), len(PROJECTIONS)
+        return _Tables(
+            row_addr=torch.zeros(rows, dtype=torch.int64, device=device),
+            a_row=table(g, torch.int64),
+            a_rank=table(g, torch.int32),
+            b_row=table(m, torch.int64),
+            b_rank=table(m, torch.int32),
+            b_col=table(m, torch.int32),
+        )
+
+    def load(self, meta: LoraStepMeta) -> None:
+        """Copy the step's tables in, unless they are the ones copied last."""
+        source = (meta.row_addr, meta.a_row, meta.a_rank, meta.b_row, meta.b_rank, meta.b_col)
+        if len(self.source) == len(source) and all(
+            a is b for a, b in zip(source, self.source, strict=True)
+        ):
+            return
+        self.row_addr[: meta.row_addr.shape[0]].copy_(meta.row_addr)
+        n = meta.num_slots
+        for mine, theirs in zip(
+            (self.a_row, self.a_rank, self.b_row, self.b_rank, self.b_col), source[1:], strict=True
+        ):
+            mine[:n].copy_(theirs)
+        self.source = source
+
+
+@dataclass
+class _Inputs:
+    """A decode step's per-row inputs at fixed addresses, sized for the largest bucket."""
+
+    input_ids: torch.Tensor  # [B_max] long
+    positions: torch.Tensor  # [B_max] long
+    slot_rows: torch.Tensor  # [B_max] long
+    logits_index: torch.Tensor  # [B_max] long: 0 .. B_max - 1
+    block_tables: torch.Tensor  # [B_max, W] int32
+    context_lens: torch.Tensor  # [B_max] int32
+    cu_seqlens_q: torch.Tensor  # [B_max + 1] int32: 0 .. B_max
+    row_slot: torch.Tensor  # [B_max] int32
+    seg_start: torch.Tensor  # [B_max + 1] int32 (BGMV reads row_slot; the checks want these)
+    seg_slot: torch.Tensor  # [B_max] int32
+
+    @staticmethod
+    def empty(max_batch: int, width: int, device: torch.device) -> _Inputs:
+        def zeros(n: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(n, dtype=dtype, device=device)
+
+        return _Inputs(
+            input_ids=zeros(max_batch, torch.long),
+            positions=zeros(max_batch, torch.long),
+            slot_rows=zeros(max_batch, torch.long),
+            logits_index=torch.arange(max_batch, dtype=torch.long, device=device),
+            block_tables=torch.zeros(max_batch, width, dtype=torch.int32, device=device),
+            context_lens=zeros(max_batch, torch.int32),
+            cu_seqlens_q=torch.arange(max_batch + 1, dtype=torch.int32, device=device),
+            row_slot=zeros(max_batch, torch.int32),
+            seg_start=zeros(max_batch + 1, torch.int32),
+            seg_slot=zeros(max_batch, torch.int32),
+        )
+
+
+@dataclass
+class GraphStats:
+    replays: int = 0  # decode steps served by a graph
+    eager: int = 0  # steps that did not fit one (prefill, verification, too wide)
+    captures: int = 0
+    failure: str | None = None  # why capturing failed (graphs are off from then on)
+    keys: set[tuple[int, int]] = field(default_factory=set)  # (bucket, rank bound) captured
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: LlamaModel,
+        pool: MemoryPool,  # the model's KV cache and adapter rows
+        max_batch: int,  # sequences per step (the largest bucket)
+        max_len: int,  # tokens per sequence: the block tables' width at capture
+        replay: Replay = Replay.CUDA,
+        row_capacity: int = MIN_ROW_CAPACITY,  # the adapter row table's first size
+    ) -> None:
+        self.model, self.kv, self.pool_lora = model, pool.kv_rows, pool.lora
+        self.shape = model_shape(model.config)
+        self.replay_kind = replay
+        page_tokens = pool.geometry.page_tokens
+        self.buckets = buckets(max_batch)
+        self.width = -(-max_len // page_tokens)
+        device = model.device
+        layers = model.config.num_layers
+        # The padding rows' page: their K/V writes and their one-token attention stay in it.
+        self.scratch_page = pool.allocator.allocate_kv(1, SCRATCH_OWNER)[0]
+        page_rows = layers * 2 * page_tokens
+        self._pad = {
+            "slot_rows": self.scratch_page * page_rows,
+            "block_tables": self.scratch_page,
+            "context_lens": 1,
+            "row_slot": -1,
+        }
+        self.inputs = _Inputs.empty(max_batch, self.width, device)
+        self.inputs.block_tables[:, 0] = self.scratch_page
+        self.tables = _Tables.empty(row_capacity, max_batch, layers, device)
+        self.stats = GraphStats()
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._mempool: Any = None  # the graphs' shared CUDA memory pool
+
+    def run(self, batch: ForwardBatch) -> torch.Tensor | None:
+        """The step's logits [n, vocab] from a graph; None when it must run eagerly."""
+        n = int(batch.input_ids.shape[0])
+        paged = batch.paged
+        if (
+            self.stats.failure is not None
+            or paged is None
+            or not paged.decode_only
+            or n > self.buckets[-1]
+            or n != batch.logits_index.shape[0]
+            or paged.block_tables.shape[1] > self.width
+        ):
+            self.stats.eager += 1
+            return None
+        meta = batch.lora.meta if batch.lora is not None else None
+        rank = 0 if meta is None else rank_bound(meta.max_rank)
+        if meta is not None and rank:
+            self._fit_tables(meta)
+        size = next(b for b in self.buckets if b >= n)
+        self._load(batch, n, size, meta if rank else None)
+        graph = self._graphs.get((size, rank))
+        if graph is None:
+            graph = self._capture(size, rank, batch)
+            if graph is None:
+                self.stats.eager += 1
+                return None
+        self.stats.replays += 1
+        return graph.replay()[:n].clone()
+
+    def _fit_tables(self, meta: LoraStepMeta) -> None:
+        """Grow the static tables past the step's rows; graphs read their addresses, so the
+        ones with LoRA are dropped and captured again on use."""
+        rows = int(meta.row_addr.shape[0])
+        if rows <= self.tables.row_addr.shape[0]:
+            return
+        capacity = self.tables.row_addr.shape[0]
+        while capacity < rows:
+            capacity *= 2
+        slots, layers = self.tables.a_row.shape[:2]
+        self.tables = _Tables.empty(capacity, slots, layers, self.model.device)
+        self._graphs = {key: g for key, g in self._graphs.items() if key[1] == 0}
+
+    def _load(self, batch: ForwardBatch, n: int, size: int, meta: LoraStepMeta | None) -> None:
+        """The step's rows into the static inputs, rows n..size-1 padded."""
+        s, paged = self.inputs, batch.paged
+        assert paged is not None
+        copies = (
+            (s.input_ids, batch.input_ids, 0),
+            (s.positions, batch.positions, 0),
+            (s.slot_rows, batch.slot_rows, self._pad["slot_rows"]),
+            (s.context_lens, paged.context_lens, self._pad["context_lens"]),
+        )
+        for static, step, pad in copies:
+            static[:n].copy_(step)
+            if size > n:
+                static[n:size].fill_(pad)
+        width = paged.block_tables.shape[1]
+        s.block_tables[:n, :width].copy_(paged.block_tables)
+        if size > n:
+            s.block_tables[n:size, 0].fill_(self._pad["block_tables"])
+        if meta is not None:
+            s.row_slot[:n].copy_(meta.row_slot)
+            if size > n:
+                s.row_slot[n:size].fill_(self._pad["row_slot"])
+            self.tables.load(meta)
+
+    def _static_batch(self, size: int, rank: int, like: ForwardBatch) -> ForwardBatch:
+        s, paged = self.inputs, like.paged
+        assert paged is not None
+        lora = None
+        if rank:
+            t = self.tables
+            meta = LoraStepMeta(
+                pool=self.pool_lora,
+                row_addr=t.row_addr,
+                a_row=t.a_row,
+                a_rank=t.a_rank,
+                b_row=t.b_row,
+                b_rank=t.b_rank,
+                b_col=t.b_col,
+                seg_start=s.seg_start[: size + 1],
+                seg_slot=s.seg_slot[:size],
+                row_slot=s.row_slot[:size],
+                max_rank=rank,
+                row_align=like.lora.meta.row_align if like.lora and like.lora.meta else 1,
+            )
+            segments = Segments(tuple(range(size)), tuple(range(1, size + 1)), (-1,) * size)
+            out_cols = self.shape.out_cols
+            lora = LoraBatch(segments, [], meta, out_cols=out_cols, decode_only=True)
+        return ForwardBatch(
+            input_ids=s.input_ids[:size],
+            positions=s.positions[:size],
+            slot_rows=s.slot_rows[:size],
+            kv_layer_rows=like.kv_layer_rows,
+            kv_v_rows=like.kv_v_rows,
+            attention=[],
+            paged=PagedAttention(
+                block_tables=s.block_tables[:size],
+                context_lens=s.context_lens[:size],
+                cu_seqlens_q=s.cu_seqlens_q[: size + 1],
+                max_query_len=1,
+                decode_only=True,
+                num_layers=paged.num_layers,
+                window=paged.window,
+            ),
+            logits_index=s.logits_index[:size],
+            lora=lora,
+        )
+
+    def _capture(self, size: int, rank: int, like: ForwardBatch) -> _Graph | None:
+        static = self._static_batch(size, rank, like)
+
+        def forward() -> torch.Tensor:
+            return self.model.forward(static, self.kv)
+
+        try:
+            if self.replay_kind is Replay.CUDA:
+                graph: _Graph = _CudaGraph(forward, self._cuda_pool())
+            else:
+                graph = _Eager(forward)
+        except Exception as exc:  # noqa: BLE001 (any capture failure: log it, stay eager)
+            self.stats.failure = f"{type(exc).__name__}: {exc}"
+            log.warning("decode graph capture failed (%s): decode steps run eagerly", exc)
+            self._graphs.clear()
+            return None
+        self._graphs[(size, rank)] = graph
+        self.stats.captures += 1
+        self.stats.keys.add((size, rank))
+        log.info("captured a decode graph: %d rows, LoRA rank bound %d", size, rank)
+        return graph
+
+    def _cuda_pool(self) -> Any:
+        if self._mempool is None:
+            self._mempool = torch.cuda.graph_pool_handle()
+        return self._mempool
+
+
+class _Graph(Protocol):
+    def replay(self) -> torch.Tensor: ...  # the static batch's logits [B, vocab]
+
+
+class _Eager:
+    def __init__(self, forward: Callable[[], torch.Tensor]) -> None:
+        self.forward = forward
+
+    def replay(self) -> torch.Tensor:
+        return self.forward()
+
+
+class _CudaGraph:
+    def __init__(self, forward: Callable[[], torch.Tensor], pool: Any) -> None:
+        # Warm up on a side stream first (Triton compiles, the allocator settles), as
+        # torch.cuda.graphs asks; the warm-up writes the step's own K/V, which replay
+        # writes again, identically.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = forward()
+
+    def replay(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.out
