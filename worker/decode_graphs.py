@@ -58,14 +58,13 @@ class Replay(enum.Enum):
     EAGER = "eager"  # the static inputs through the ops each time (no capture: tests)
 
 
-def for_engine(
-    model: LlamaModel, pool: MemoryPool, config: EngineConfig, max_len: int
-) -> DecodeGraphs | None:
+def for_engine(model: LlamaModel, pool: MemoryPool, config: EngineConfig) -> DecodeGraphs | None:
     """CUDA graphs where they are asked for and can run: on CUDA, over an unquantized base
-    (bitsandbytes' kernels are not captured)."""
+    (bitsandbytes' kernels are not captured). Built before the engine counts the pages
+    sequences may use: the graphs hold one."""
     if not config.cuda_graphs or model.device.type != "cuda" or config.quantize is not None:
         return None
-    return DecodeGraphs(model, pool, config.max_num_seqs, max_len)
+    return DecodeGraphs(model, pool, config.max_num_seqs, config.max_model_len)
 
 
 def buckets(max_batch: int) -> tuple[int, ...]:
@@ -199,6 +198,9 @@ class DecodeGraphs:
             "row_slot": -1,
         }
         self.inputs = _Inputs.empty(max_batch, self.width, device)
+        # Every graph writes its logits here: one buffer, not one held per graph.
+        vocab = model.lm_head.shape[0]
+        self.logits = torch.zeros(max_batch, vocab, dtype=torch.float32, device=device)
         self.inputs.block_tables[:, 0] = self.scratch_page
         self.tables = _Tables.empty(row_capacity, max_batch, layers, device)
         self.stats = GraphStats()
@@ -318,7 +320,9 @@ class DecodeGraphs:
         static = self._static_batch(size, rank, like)
 
         def forward() -> torch.Tensor:
-            return self.model.forward(static, self.kv)
+            out = self.logits[:size]
+            out.copy_(self.model.forward(static, self.kv))
+            return out
 
         try:
             if self.replay_kind is Replay.CUDA:
@@ -365,7 +369,9 @@ class _CudaGraph:
             forward()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: adapter loads pin host memory on other threads meanwhile, which
+        # the default ("global") would refuse, failing the load and the capture
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.out = forward()
 
     def replay(self) -> torch.Tensor:

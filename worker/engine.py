@@ -137,8 +137,9 @@ class Engine:
             model_shape(model.config),
             self.cpu_lora,
         )
-        self.max_len = min(config.max_model_len, num_pages * config.page_size)
-        self.runner.graphs = decode_graphs.for_engine(model, self.pool, config, self.max_len)
+        self.runner.graphs = decode_graphs.for_engine(model, self.pool, config)
+        self.usable_pages = self.pool.allocator.num_free  # all but what the graphs hold
+        self.max_len = min(config.max_model_len, self.usable_pages * config.page_size)
         self.eos_ids = eos_ids(model.config, tokenizer)
         self.speculator = Speculator(
             self.blocks, draft, model.device, self.max_len, config.speculative_adaptive
@@ -313,10 +314,10 @@ class Engine:
         if tier is Tier.HOST:
             adapter_pages = self.adapters.pages_needed(seq.adapter_id)
             need = adapter_pages + self.blocks.blocks_for(len(seq.prompt_ids) + 1)
-            if need > self.pool.num_pages:
+            if need > self.usable_pages:
                 return (
                     f"adapter {seq.adapter_id} and the prompt need {need} pages; the memory "
-                    f"pool has {self.pool.num_pages}: raise --memory-mb"
+                    f"pool has {self.usable_pages}: raise --memory-mb"
                 )
         return None
 

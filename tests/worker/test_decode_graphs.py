@@ -24,6 +24,8 @@ from worker.config import EngineConfig
 from worker.decode_graphs import SCRATCH_OWNER, DecodeGraphs, Replay, buckets, rank_bound
 from worker.engine import Engine
 from worker.memory.allocator import PageKind
+from worker.memory.pool import MemoryPool
+from worker.model.llama import LlamaModel
 from worker.model.ops import OPS
 from worker.sequence import SamplingParams
 
@@ -69,25 +71,26 @@ def serve(engine: Engine, jobs: list[tuple[list[int], str | None, int]]) -> list
 
 
 def engines(models: tuple, **graph_args: object) -> tuple[Engine, Engine, DecodeGraphs]:
-    """The reference engine, and the kernel path with decode graphs (eager replay)."""
+    """The reference engine, and the kernel path with decode graphs (eager replay) that the
+    engine attaches itself, as it attaches CUDA ones on a GPU."""
     base, adapters = models
-    reference = Engine.from_config(EngineConfig(model=str(base), page_size=4, num_pages=PAGES))
-    kernels = Engine.from_config(EngineConfig(model=str(base), page_size=4, num_pages=PAGES))
+    config = EngineConfig(model=str(base), page_size=4, num_pages=PAGES)
+    reference = Engine.from_config(config)
+
+    def eager_graphs(model: LlamaModel, pool: MemoryPool, config: EngineConfig) -> DecodeGraphs:
+        args = (config.max_num_seqs, config.max_model_len, Replay.EAGER)
+        return DecodeGraphs(model, pool, *args, **graph_args)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decode_graphs, "for_engine", eager_graphs)
+        kernels = Engine.from_config(config)
     kernels.model.ops = OPS["cuda"]()  # the Triton kernels, interpreted here
     kernels.runner.paged = True
-    graphs = DecodeGraphs(
-        kernels.model,
-        kernels.pool,
-        kernels.config.max_num_seqs,
-        kernels.max_len,
-        Replay.EAGER,
-        **graph_args,  # type: ignore[arg-type]
-    )
-    kernels.runner.graphs = graphs
+    assert kernels.runner.graphs is not None
     for engine in (reference, kernels):
         for name, path in adapters.items():
             engine.register_adapter(name, path)
-    return reference, kernels, graphs
+    return reference, kernels, kernels.runner.graphs
 
 
 def test_buckets_and_rank_bounds() -> None:
@@ -118,6 +121,8 @@ def test_padding_rows_write_only_the_scratch_page(models: tuple) -> None:
     page = graphs.scratch_page
     allocator = kernels.pool.allocator
     assert allocator.kind(page) is PageKind.KV and allocator.owner(page) == SCRATCH_OWNER
+    # sequences get the other pages: a request of max_len tokens still fits beside them
+    assert kernels.usable_pages == PAGES - 1 and kernels.max_len == (PAGES - 1) * 4
     sampling = SamplingParams(max_tokens=4, ignore_eos=True)
     for i, (prompt, adapter, _) in enumerate(JOBS[:3]):  # three rows: bucket 4, one padded
         kernels.add_request(f"pad-{i}", prompt, sampling, adapter)
@@ -168,4 +173,4 @@ def test_the_engine_attaches_cuda_graphs_only_where_they_can_run(models: tuple) 
     ):
         engine = Engine.from_config(config)
         assert engine.runner.graphs is None
-        assert decode_graphs.for_engine(engine.model, engine.pool, config, engine.max_len) is None
+        assert decode_graphs.for_engine(engine.model, engine.pool, config) is None

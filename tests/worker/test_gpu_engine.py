@@ -14,6 +14,7 @@ from tests.adapter_store.builders import write_lora
 from tests.worker.test_device_placement import OnDevice
 from worker.config import EngineConfig
 from worker.engine import Engine
+from worker.model.forward_batch import ForwardBatch
 from worker.sequence import SamplingParams
 
 pytestmark = pytest.mark.gpu
@@ -50,12 +51,14 @@ def test_cuda_tokens_equal_the_cpu_reference(adapters: tuple[Path, dict[str, Pat
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_cuda_step_never_mixes_devices(adapters: tuple[Path, dict[str, Path]]) -> None:
     base, paths = adapters
-    engine = Engine.from_config(EngineConfig(model=str(base), device="cuda", dtype="float32"))
+    # eager: a replayed graph's kernels bypass torch's dispatch, which OnDevice watches
+    config = EngineConfig(model=str(base), device="cuda", dtype="float32", cuda_graphs=False)
+    engine = Engine.from_config(config)
     for name, path in paths.items():
         engine.register_adapter(name, path)
     seeded = SamplingParams(temperature=0.7, seed=5, max_tokens=4)
-    for i, name in enumerate(["r4", None, "r16"]):
-        engine.add_request(f"q{i}", PROMPTS[i], seeded, name)
+    for i, adapter in enumerate(["r4", None, "r16"]):
+        engine.add_request(f"q{i}", PROMPTS[i], seeded, adapter)
     check = OnDevice(torch.device("cuda", torch.cuda.current_device()))
     with check:
         while engine.has_unfinished():
@@ -64,22 +67,31 @@ def test_a_cuda_step_never_mixes_devices(adapters: tuple[Path, dict[str, Path]])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_decode_steps_give_the_eager_tokens(
+def test_cuda_graph_decode_steps_give_the_eager_logits(
     adapters: tuple[Path, dict[str, Path]],
 ) -> None:
+    """Every replayed decode step against the same step run eagerly (its K/V writes are
+    the same, so running both is harmless). Not bit-identical: a graph's attention splits
+    its context for max_model_len, and rows sharing an adapter run BGMV, not SGMV."""
     base, paths = adapters
-    tokens, engines = [], []
-    for graphs in (False, True):
-        config = EngineConfig(model=str(base), device="cuda", dtype="float32", cuda_graphs=graphs)
-        engine = Engine.from_config(config)
-        for name, path in paths.items():
-            engine.register_adapter(name, path)
-        names: list[str | None] = ["r4", None, "r16", "r4"]
-        sampling = SamplingParams(max_tokens=8, ignore_eos=True)
-        tokens.append([r.token_ids for r in engine.generate(PROMPTS, sampling, names)])
-        engines.append(engine)
-    assert tokens[1] == tokens[0]
-    assert engines[0].runner.graphs is None
-    graphs_used = engines[1].runner.graphs
-    assert graphs_used is not None and graphs_used.stats.failure is None
-    assert graphs_used.stats.replays > 0 and any(rank for _, rank in graphs_used.stats.keys)
+    engine = Engine.from_config(EngineConfig(model=str(base), device="cuda", dtype="float32"))
+    for name, path in paths.items():
+        engine.register_adapter(name, path)
+    graphs = engine.runner.graphs
+    assert graphs is not None
+    replay, errors = graphs.run, []
+
+    def checked(batch: ForwardBatch) -> torch.Tensor | None:
+        got = replay(batch)
+        if got is not None:
+            want = engine.model.forward(batch, engine.runner.kv)
+            errors.append(float((got - want).abs().max() / want.abs().max()))
+        return got
+
+    graphs.run = checked  # type: ignore[method-assign]
+    names: list[str | None] = ["r4", None, "r16", "r4"]
+    engine.generate(PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True), names)
+    assert graphs.stats.failure is None
+    assert graphs.stats.replays == len(errors) > 0
+    assert any(rank for _, rank in graphs.stats.keys)  # graphs with LoRA ran
+    assert max(errors) < 1e-4  # float32: summation order only
