@@ -83,12 +83,11 @@ class ModelRunner:
             slot = -1 if aid is None else slots.setdefault(aid, len(slots))
             row_slots.extend([slot] * item.num_tokens)
             logits_index.extend(len(ids) - item.num_logits + i for i in range(item.num_logits))
-        pos = torch.tensor(positions, dtype=torch.long)
         lora = self._lora(row_slots, [adapter_of(a) for a in slots]) if slots else None
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-            positions=pos.to(device),
-            slot_rows=self._slot_rows(batch, pos).to(device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            slot_rows=torch.tensor(self._slot_rows(batch, positions), device=device),
             kv_layer_rows=2 * self.page_tokens,
             kv_v_rows=self.page_tokens,
             attention=[] if self.paged else self._groups(batch, device),
@@ -97,16 +96,17 @@ class ModelRunner:
             lora=lora,
         )
 
-    def _slot_rows(self, batch: list[ScheduledSeq], pos: torch.Tensor) -> torch.Tensor:
-        """Layer-0 K row of every new token: page · rows per page + position % page_tokens."""
-        counts = [item.num_tokens for item in batch]
-        page_of_row = torch.cat(
-            [
-                torch.tensor(item.seq.block_table, dtype=torch.long)[chunk // self.page_tokens]
-                for item, chunk in zip(batch, pos.split(counts), strict=True)
+    def _slot_rows(self, batch: list[ScheduledSeq], positions: list[int]) -> list[int]:
+        """Layer-0 K row of every new token: page · rows per page + position % page_tokens
+        (plain ints: a decode step has one per sequence, and small tensors cost more)."""
+        page_tokens, page_rows, rows, at = self.page_tokens, self.page_rows, [], 0
+        for item in batch:
+            table, end = item.seq.block_table, at + item.num_tokens
+            rows += [
+                table[p // page_tokens] * page_rows + p % page_tokens for p in positions[at:end]
             ]
-        )
-        return page_of_row * self.page_rows + pos % self.page_tokens
+            at = end
+        return rows
 
     def _lora(self, row_slots: list[int], residents: list[ResidentAdapter]) -> LoraBatch:
         segments = Segments.from_rows(row_slots)
@@ -258,10 +258,10 @@ def _model_order(item: ScheduledSeq) -> tuple[bool, int, str, int]:
 def _block_tables(items: list[ScheduledSeq], dtype: torch.dtype) -> torch.Tensor:
     """[B, max_blocks] page ids, padded with page 0 (never read past a context length)."""
     width = max(len(i.seq.block_table) for i in items)
-    table = torch.zeros(len(items), width, dtype=dtype)
-    for b, item in enumerate(items):
-        table[b, : len(item.seq.block_table)] = torch.tensor(item.seq.block_table, dtype=dtype)
-    return table
+    pad = [0] * width
+    return torch.tensor(
+        [i.seq.block_table + pad[len(i.seq.block_table) :] for i in items], dtype=dtype
+    )
 
 
 @dataclass(frozen=True)
