@@ -44,6 +44,7 @@ bench: setup
 	$(BIN)/python -m bench.scaling
 	$(BIN)/python -m bench.speculative
 	$(BIN)/python -m bench.serving
+	$(BIN)/python -m bench.host_step
 
 # The docker-compose stack built and run for real (needs Docker and minutes; not in `make test`).
 .PHONY: compose-test
