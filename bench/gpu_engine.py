@@ -110,6 +110,7 @@ def _decode_step_seconds(engine: Engine, adapters: list[str | None]) -> float:
     while engine.scheduler.waiting or any(s.num_computed == 0 for s in engine.scheduler.running):
         engine.step()
         assert time.monotonic() < deadline, "adapters never became resident"
+    engine.step()  # untimed: a decode step of this batch (with graphs, its capture)
     times = []
     sync = torch.cuda.synchronize if engine.model.device.type == "cuda" else (lambda: None)
     for _ in range(STEPS):

@@ -39,7 +39,8 @@ from typing import Any, Protocol
 import torch
 
 from worker.config import EngineConfig
-from worker.kernels.lora_meta import GROUPS, PROJECTIONS, LoraStepMeta
+from worker.decode_inputs import StaticInputs, StaticTables
+from worker.kernels.lora_meta import LoraStepMeta
 from worker.kernels.lora_ref import Segments
 from worker.lora.resident import model_shape
 from worker.memory.pool import MemoryPool
@@ -64,7 +65,9 @@ def for_engine(model: LlamaModel, pool: MemoryPool, config: EngineConfig) -> Dec
     sequences may use: the graphs hold one."""
     if not config.cuda_graphs or model.device.type != "cuda" or config.quantize is not None:
         return None
-    return DecodeGraphs(model, pool, config.max_num_seqs, config.max_model_len)
+    page_tokens = pool.geometry.page_tokens
+    longest = min(config.max_model_len, (pool.allocator.num_free - 1) * page_tokens)
+    return DecodeGraphs(model, pool, config.max_num_seqs, longest)
 
 
 def buckets(max_batch: int) -> tuple[int, ...]:
@@ -82,83 +85,6 @@ def rank_bound(max_rank: int) -> int:
     while bound < max_rank:
         bound *= 2
     return bound
-
-
-@dataclass
-class _Tables:
-    """The slots' row tables at fixed addresses (LoraStepMeta's per-adapter part)."""
-
-    row_addr: torch.Tensor  # [R_cap] int64
-    a_row: torch.Tensor  # [n_cap, L, G] int64
-    a_rank: torch.Tensor  # [n_cap, L, G] int32
-    b_row: torch.Tensor  # [n_cap, L, M] int64
-    b_rank: torch.Tensor  # [n_cap, L, M] int32
-    b_col: torch.Tensor  # [n_cap, L, M] int32
-    source: tuple[torch.Tensor, ...] = ()  # the step tables last copied in (identity)
-
-    @staticmethod
-    def empty(rows: int, slots: int, layers: int, device: torch.device) -> _Tables:
-        def table(width: int, dtype: torch.dtype) -> torch.Tensor:
-            return torch.zeros(slots, layers, width, dtype=dtype, device=device)
-
-        g, m = len(GROUPS), len(PROJECTIONS)
-        return _Tables(
-            row_addr=torch.zeros(rows, dtype=torch.int64, device=device),
-            a_row=table(g, torch.int64),
-            a_rank=table(g, torch.int32),
-            b_row=table(m, torch.int64),
-            b_rank=table(m, torch.int32),
-            b_col=table(m, torch.int32),
-        )
-
-    def load(self, meta: LoraStepMeta) -> None:
-        """Copy the step's tables in, unless they are the ones copied last."""
-        source = (meta.row_addr, meta.a_row, meta.a_rank, meta.b_row, meta.b_rank, meta.b_col)
-        if len(self.source) == len(source) and all(
-            a is b for a, b in zip(source, self.source, strict=True)
-        ):
-            return
-        self.row_addr[: meta.row_addr.shape[0]].copy_(meta.row_addr)
-        n = meta.num_slots
-        for mine, theirs in zip(
-            (self.a_row, self.a_rank, self.b_row, self.b_rank, self.b_col), source[1:], strict=True
-        ):
-            mine[:n].copy_(theirs)
-        self.source = source
-
-
-@dataclass
-class _Inputs:
-    """A decode step's per-row inputs at fixed addresses, sized for the largest bucket."""
-
-    input_ids: torch.Tensor  # [B_max] long
-    positions: torch.Tensor  # [B_max] long
-    slot_rows: torch.Tensor  # [B_max] long
-    logits_index: torch.Tensor  # [B_max] long: 0 .. B_max - 1
-    block_tables: torch.Tensor  # [B_max, W] int32
-    context_lens: torch.Tensor  # [B_max] int32
-    cu_seqlens_q: torch.Tensor  # [B_max + 1] int32: 0 .. B_max
-    row_slot: torch.Tensor  # [B_max] int32
-    seg_start: torch.Tensor  # [B_max + 1] int32 (BGMV reads row_slot; the checks want these)
-    seg_slot: torch.Tensor  # [B_max] int32
-
-    @staticmethod
-    def empty(max_batch: int, width: int, device: torch.device) -> _Inputs:
-        def zeros(n: int, dtype: torch.dtype) -> torch.Tensor:
-            return torch.zeros(n, dtype=dtype, device=device)
-
-        return _Inputs(
-            input_ids=zeros(max_batch, torch.long),
-            positions=zeros(max_batch, torch.long),
-            slot_rows=zeros(max_batch, torch.long),
-            logits_index=torch.arange(max_batch, dtype=torch.long, device=device),
-            block_tables=torch.zeros(max_batch, width, dtype=torch.int32, device=device),
-            context_lens=zeros(max_batch, torch.int32),
-            cu_seqlens_q=torch.arange(max_batch + 1, dtype=torch.int32, device=device),
-            row_slot=zeros(max_batch, torch.int32),
-            seg_start=zeros(max_batch + 1, torch.int32),
-            seg_slot=zeros(max_batch, torch.int32),
-        )
 
 
 @dataclass
@@ -197,12 +123,12 @@ class DecodeGraphs:
             "context_lens": 1,
             "row_slot": -1,
         }
-        self.inputs = _Inputs.empty(max_batch, self.width, device)
+        self.inputs = StaticInputs.empty(max_batch, self.width, device)
         # Every graph writes its logits here: one buffer, not one held per graph.
         vocab = model.lm_head.shape[0]
         self.logits = torch.zeros(max_batch, vocab, dtype=torch.float32, device=device)
         self.inputs.block_tables[:, 0] = self.scratch_page
-        self.tables = _Tables.empty(row_capacity, max_batch, layers, device)
+        self.tables = StaticTables.empty(row_capacity, max_batch, layers, device)
         self.stats = GraphStats()
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._mempool: Any = None  # the graphs' shared CUDA memory pool
@@ -246,7 +172,7 @@ class DecodeGraphs:
         while capacity < rows:
             capacity *= 2
         slots, layers = self.tables.a_row.shape[:2]
-        self.tables = _Tables.empty(capacity, slots, layers, self.model.device)
+        self.tables = StaticTables.empty(capacity, slots, layers, self.model.device)
         self._graphs = {key: g for key, g in self._graphs.items() if key[1] == 0}
 
     def _load(self, batch: ForwardBatch, n: int, size: int, meta: LoraStepMeta | None) -> None:

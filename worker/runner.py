@@ -87,7 +87,9 @@ class ModelRunner:
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
             positions=torch.tensor(positions, dtype=torch.long, device=device),
-            slot_rows=torch.tensor(self._slot_rows(batch, positions), device=device),
+            slot_rows=torch.tensor(
+                self._slot_rows(batch, positions), dtype=torch.long, device=device
+            ),
             kv_layer_rows=2 * self.page_tokens,
             kv_v_rows=self.page_tokens,
             attention=[] if self.paged else self._groups(batch, device),

@@ -89,9 +89,16 @@ def test_cuda_graph_decode_steps_give_the_eager_logits(
         return got
 
     graphs.run = checked  # type: ignore[method-assign]
-    names: list[str | None] = ["r4", None, "r16", "r4"]
-    engine.generate(PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True), names)
+    # lengths differ: decode batches of 4, 3 (padded to bucket 4), 2 and 1 rows, so several
+    # graphs share the memory pool and padding rows write the scratch page
+    for i, (adapter, new) in enumerate(zip(["r4", None, "r16", "r4"], [8, 5, 3, 2], strict=True)):
+        engine.add_request(
+            f"g{i}", PROMPTS[i], SamplingParams(max_tokens=new, ignore_eos=True), adapter
+        )
+    while engine.has_unfinished():
+        engine.step()
     assert graphs.stats.failure is None
     assert graphs.stats.replays == len(errors) > 0
+    assert {1, 2, 4} <= {size for size, _ in graphs.stats.keys}
     assert any(rank for _, rank in graphs.stats.keys)  # graphs with LoRA ran
     assert max(errors) < 1e-4  # float32: summation order only
