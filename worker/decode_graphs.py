@@ -10,9 +10,10 @@ logits.
     buckets    batch sizes 1, 2, 4, 8, then multiples of 8 up to max_num_seqs; a graph
                per (bucket, rank bound), captured on first use (lazily: a worker that
                never runs 40 rows never captures 40)
-    fixed      at capture: the bucket B, the block-table width (max_len / page_tokens),
-               the LoRA rank bound (the step's largest group rank rounded up to a power of
-               two ≥ 16: the shrink output's width and grid), the adapter tables' capacity
+    fixed      at capture: the bucket B, the block-table width (max_len / page_tokens, at
+               most the pool's other pages), the LoRA rank bound (the step's largest group
+               rank rounded up to a power of two ≥ 16: the shrink output's width and
+               grid), the adapter tables' capacity
     per step   tokens, positions, KV slots, block tables, context lengths, each row's
                adapter slot; the slots' row tables, copied only when they change
     padding    rows n..B-1: no adapter, context length 1 over a scratch page this object
@@ -65,9 +66,7 @@ def for_engine(model: LlamaModel, pool: MemoryPool, config: EngineConfig) -> Dec
     sequences may use: the graphs hold one."""
     if not config.cuda_graphs or model.device.type != "cuda" or config.quantize is not None:
         return None
-    page_tokens = pool.geometry.page_tokens
-    longest = min(config.max_model_len, (pool.allocator.num_free - 1) * page_tokens)
-    return DecodeGraphs(model, pool, config.max_num_seqs, longest)
+    return DecodeGraphs(model, pool, config.max_num_seqs, config.max_model_len)
 
 
 def buckets(max_batch: int) -> tuple[int, ...]:
@@ -102,7 +101,7 @@ class DecodeGraphs:
         model: LlamaModel,
         pool: MemoryPool,  # the model's KV cache and adapter rows
         max_batch: int,  # sequences per step (the largest bucket)
-        max_len: int,  # tokens per sequence: the block tables' width at capture
+        max_len: int,  # tokens per sequence (max_model_len): the block tables' width
         replay: Replay = Replay.CUDA,
         row_capacity: int = MIN_ROW_CAPACITY,  # the adapter row table's first size
     ) -> None:
@@ -111,18 +110,13 @@ class DecodeGraphs:
         self.replay_kind = replay
         page_tokens = pool.geometry.page_tokens
         self.buckets = buckets(max_batch)
-        self.width = -(-max_len // page_tokens)
         device = model.device
         layers = model.config.num_layers
         # The padding rows' page: their K/V writes and their one-token attention stay in it.
         self.scratch_page = pool.allocator.allocate_kv(1, SCRATCH_OWNER)[0]
-        page_rows = layers * 2 * page_tokens
-        self._pad = {
-            "slot_rows": self.scratch_page * page_rows,
-            "block_tables": self.scratch_page,
-            "context_lens": 1,
-            "row_slot": -1,
-        }
+        self.scratch_row = self.scratch_page * layers * 2 * page_tokens  # its layer-0 K row
+        # no sequence holds more pages than the rest of the pool
+        self.width = min(-(-max_len // page_tokens), pool.allocator.num_free)
         self.inputs = StaticInputs.empty(max_batch, self.width, device)
         # Every graph writes its logits here: one buffer, not one held per graph.
         vocab = model.lm_head.shape[0]
@@ -182,8 +176,8 @@ class DecodeGraphs:
         copies = (
             (s.input_ids, batch.input_ids, 0),
             (s.positions, batch.positions, 0),
-            (s.slot_rows, batch.slot_rows, self._pad["slot_rows"]),
-            (s.context_lens, paged.context_lens, self._pad["context_lens"]),
+            (s.slot_rows, batch.slot_rows, self.scratch_row),
+            (s.context_lens, paged.context_lens, 1),
         )
         for static, step, pad in copies:
             static[:n].copy_(step)
@@ -192,11 +186,11 @@ class DecodeGraphs:
         width = paged.block_tables.shape[1]
         s.block_tables[:n, :width].copy_(paged.block_tables)
         if size > n:
-            s.block_tables[n:size, 0].fill_(self._pad["block_tables"])
+            s.block_tables[n:size, 0].fill_(self.scratch_page)
         if meta is not None:
             s.row_slot[:n].copy_(meta.row_slot)
             if size > n:
-                s.row_slot[n:size].fill_(self._pad["row_slot"])
+                s.row_slot[n:size].fill_(-1)
             self.tables.load(meta)
 
     def _static_batch(self, size: int, rank: int, like: ForwardBatch) -> ForwardBatch:
