@@ -3,7 +3,8 @@
 Needs only torch, triton, transformers and safetensors (no Redis, SQLAlchemy, PEFT or
 bitsandbytes): the project code it imports is the engine and the kernels.
 
-    python3 -m bench.gpu_check [--model DIR] [--quick]
+    python3 -m bench.gpu_check [--model DIR | --pack DIR] [--quick] [--out-dir DIR]
+                               [--budget-s S] [--commit SHA]
 
   1. the GPU-marked tests (kernels against float64, the engine on CUDA against the CPU)
   2. bench/kernels.py (kernel times, bandwidth against a same-run copy, baselines)
@@ -13,15 +14,21 @@ bitsandbytes): the project code it imports is the engine and the kernels.
      bytes ceiling (a decode step is bound by the bytes it reads), and the base decode
      step against the bytes floor of its weights at the measured copy bandwidth.
 
---model: a HF directory of safetensors (bench/gpu_pack.py writes SmolLM2 as bf16 shards
-small enough to carry to a host without internet); default: the packaged model's cache.
-Writes bench/results/gpu_check.json and gpu_check.txt.
+--model: a HF directory of safetensors; --pack: a pack of the packaged SmolLM2 written by
+bench/gpu_pack.py (its GGUF blocks, exact, in two parts small enough to carry to a host
+without internet), unpacked first where the packaged model is cached (or into --model), so
+that the GPU tests, which use its tokenizer, find it too; default: the packaged model's
+cache.
+Writes bench/results/gpu_check.json and gpu_check.txt after every part, and into --out-dir
+with bench/results/kernels.json beside them. Each subprocess part gets what the budget
+leaves (the device tool's calls end at 10 minutes); docs/gpu-check.md is the procedure.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -35,30 +42,68 @@ SAMPLES = Path("samples/adapters")
 PROMPTS = ["Name three colors.", "What is the capital of Italy?", "Describe the sea in one line."]
 
 
-def step(name: str, fn: Any, report: dict[str, Any]) -> None:
-    t0 = time.perf_counter()
-    try:
-        report[name] = fn()
-    except Exception as exc:  # noqa: BLE001 (one failed part must not hide the others)
-        report[name] = {"error": repr(exc)}
-    report[name + "_seconds"] = round(time.perf_counter() - t0, 1)
-    sys.stdout.write(f"{name}: {json.dumps(report[name])[:400]}\n")
-    sys.stdout.flush()
+class Report:
+    """The report so far, written after every part: a host call that runs out of time still
+    returns what was measured (the device tool returns what is under $OUT at its limit)."""
+
+    def __init__(self, out_dirs: list[Path], budget_s: float, head: dict[str, Any]) -> None:
+        self.out_dirs, self.data = out_dirs, dict(head)
+        self.deadline = time.monotonic() + budget_s
+
+    def left(self, cap: float) -> float:
+        """Seconds a part may take: its cap, or what the budget leaves after a reserve for
+        the parts after it, at least a minute."""
+        return max(60.0, min(cap, self.deadline - time.monotonic() - 120))
+
+    def step(self, name: str, fn: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.data[name] = fn()
+        except Exception as exc:  # noqa: BLE001 (one failed part must not hide the others)
+            self.data[name] = {"error": repr(exc)}
+        self.data[name + "_seconds"] = round(time.perf_counter() - t0, 1)
+        sys.stdout.write(f"{name}: {json.dumps(self.data[name])[:400]}\n")
+        sys.stdout.flush()
+        self.write()
+
+    def attach(self, path: Path) -> None:
+        """Copy a file another part wrote (kernels.json) next to the report."""
+        for out in self.out_dirs:
+            if path.is_file() and out.resolve() != path.parent.resolve():
+                shutil.copy(path, out / path.name)
+
+    def write(self) -> None:
+        for out in self.out_dirs:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "gpu_check.json").write_text(json.dumps(self.data, indent=2) + "\n")
+            (out / "gpu_check.txt").write_text(_text(self.data))
 
 
-def gpu_tests() -> dict[str, Any]:
+def gpu_tests(timeout: float) -> dict[str, Any]:
     argv = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
     argv += ["tests/kernels", "tests/worker/test_gpu_engine.py"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=360, check=False)
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as exc:
+        return {"timed_out_s": timeout, "tail": _tail(exc.stdout)}
     return {"returncode": done.returncode, "tail": done.stdout.strip().splitlines()[-3:]}
 
 
-def kernel_bench(quick: bool) -> dict[str, Any]:
+def kernel_bench(quick: bool, timeout: float) -> dict[str, Any]:
     argv = [sys.executable, "-m", "bench.kernels", *(["--quick"] if quick else [])]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     path = RESULTS / "kernels.json"
+    path.unlink(missing_ok=True)  # an earlier run's targets must not pass for this run's
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as exc:
+        return {"timed_out_s": timeout, "tail": _tail(exc.stdout)}
     summary = json.loads(path.read_text()).get("targets", {}) if path.is_file() else {}
     return {"returncode": done.returncode, "targets": summary, "tail": done.stdout[-400:]}
+
+
+def _tail(out: str | bytes | None) -> list[str]:
+    text = out.decode(errors="replace") if isinstance(out, bytes) else out or ""
+    return text.strip().splitlines()[-3:]
 
 
 def copy_bandwidth() -> float:
@@ -79,9 +124,20 @@ def copy_bandwidth() -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="HF safetensors directory (default: the cache)")
+    p.add_argument("--pack", type=Path, help="a bench/gpu_pack.py pack, unpacked first")
     p.add_argument("--quick", action="store_true", help="the kernel bench's quick sweep")
     p.add_argument("--cpu-smoke", action="store_true", help="the engine part on the CPU only")
+    p.add_argument("--out-dir", type=Path, help="also write the report here (e.g. $OUT)")
+    p.add_argument("--budget-s", type=float, default=560, help="time for all parts (s)")
+    p.add_argument("--commit", help="the commit to record (a copied tree may have no .git)")
     args = p.parse_args(argv)
+    if args.pack:  # by default where the packaged model is cached: the GPU tests find it
+        from bench.gpu_pack import unpack
+        from worker.config import default_cache_dir
+        from worker.model.source import DEFAULT_MODEL, packaged_model_dir
+
+        target = args.model or packaged_model_dir(DEFAULT_MODEL, default_cache_dir())
+        args.model = unpack(args.pack, target)
     if args.cpu_smoke:  # checks this script's engine part where there is no GPU
         from bench.gpu_engine import engine_report
 
@@ -93,22 +149,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from bench.gpu_engine import engine_report
 
-    report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "commit": _commit(),
-    }
-    step("gpu_tests", gpu_tests, report)
-    step("kernels", lambda: kernel_bench(args.quick), report)
-    step("copy_bytes_per_s", copy_bandwidth, report)
-    bandwidth = report["copy_bytes_per_s"]
+    report = Report(
+        [RESULTS, *([args.out_dir] if args.out_dir else [])],
+        args.budget_s,
+        {
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "commit": args.commit or _commit(),
+        },
+    )
+    report.step("gpu_tests", lambda: gpu_tests(report.left(240)))
+    report.step("kernels", lambda: kernel_bench(args.quick, report.left(200)))
+    report.attach(RESULTS / "kernels.json")
+    report.step("copy_bytes_per_s", copy_bandwidth)
+    bandwidth = report.data["copy_bytes_per_s"]
+    if not isinstance(bandwidth, float):  # the copy failed: no bytes ceilings, the rest runs
+        bandwidth = float("nan")
     model = args.model or _default_model()
-    step("engine", lambda: engine_report(model, SAMPLES, PROMPTS, bandwidth), report)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "gpu_check.txt").write_text(_text(report))
-    sys.stdout.write(_text(report))
+    report.step("engine", lambda: engine_report(model, SAMPLES, PROMPTS, bandwidth))
+    sys.stdout.write(_text(report.data))
     return 0
 
 

@@ -200,6 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         rows += lora_rows(
                             shape, group, kind, batch, popularity, args, timer, copy_bps
                         )
+            save(args, kernel_report(args, copy_bps, rows, partial=True))
         for mode, ctx in (
             ("decode", args.contexts[0]),
             ("decode", args.contexts[1]),
@@ -207,14 +208,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ):
             for batch in args.batches:
                 rows += attention_rows(shape, mode, batch, ctx, args, timer, copy_bps)
+        save(args, kernel_report(args, copy_bps, rows, partial=True))
+    return kernel_report(args, copy_bps, rows, partial=False)
+
+
+def kernel_report(
+    args: argparse.Namespace, copy_bps: float, rows: list[dict[str, Any]], partial: bool
+) -> dict[str, Any]:
     return {
         "env": environment(args.device),
         "smoke": args.smoke,  # tiny shapes on whatever device: timings mean nothing
+        "partial": partial,  # written after each group: a run cut off keeps what it measured
         "dtype": str(args.dtype),
         "copy_GBps": copy_bps / 1e9,
         "rows": rows,
         "targets": targets(rows),
     }
+
+
+def save(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -253,9 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{len(result['rows'])} rows; copy {result['copy_GBps']:.0f} GB/s on {result['env']['device']}"
     )
+    save(args, result)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.out}")
 
 

@@ -44,11 +44,18 @@ PACKAGED_MODELS: dict[str, PackagedGGUF] = {
 }
 
 
+def packaged_model_dir(spec: str, cache_dir: Path) -> Path:
+    """Where a packaged model's dequantized directory lives (complete once `.complete` is
+    there): bench/gpu_pack.py unpacks a carried copy here on a host without the package."""
+    return cache_dir / "models" / spec
+
+
 def resolve_model_dir(spec: str, cache_dir: Path) -> Path:
     """Return a local HF directory for `spec` (a packaged name, a directory, or a hub id)."""
     if spec in PACKAGED_MODELS:
         return _cached(
-            cache_dir / "models" / spec, lambda out: _dequantize(PACKAGED_MODELS[spec], out)
+            packaged_model_dir(spec, cache_dir),
+            lambda out: _dequantize(PACKAGED_MODELS[spec], out),
         )
     local = Path(spec).expanduser()
     if local.is_dir():
