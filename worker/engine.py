@@ -21,7 +21,7 @@ import torch
 
 from worker import decode_graphs
 from worker.config import EngineConfig
-from worker.detokenizer import Detokenizer
+from worker.detokenizer import Detokenizer, skipped_ids
 from worker.drafting import draft_proposer, load_draft
 from worker.kernels import lora_cpu
 from worker.lora.adapter import load_host_adapter
@@ -101,6 +101,7 @@ class Engine:
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
+        self._skipped = skipped_ids(tokenizer)  # special tokens: detokenizing skips them
         geometry = page_geometry(model, config.page_size)
         num_pages = config.num_pages or geometry.pages_for_budget(config.memory_mb)
         lora_dtype = lora_dtype_for(config.lora_dtype, model.dtype, model.device)
@@ -193,7 +194,8 @@ class Engine:
             raise ValueError(f"prompt has {len(ids)} tokens; the limit is {self.max_len - 1}")
         seq = Sequence(request_id, ids, sampling, adapter_id, next(self._arrivals))
         seq.spec_method, seq.spec_tokens = self._speculation(speculative or SpeculativeParams())
-        self._live[request_id] = _Live(seq, Detokenizer(self.tokenizer, ids, sampling.stop))
+        detok = Detokenizer(self.tokenizer, ids, sampling.stop, self._skipped)
+        self._live[request_id] = _Live(seq, detok)
         self.scheduler.add(seq)
         if adapter_id is not None:
             self.adapters.prefetch(adapter_id)  # the host load starts now, in the background

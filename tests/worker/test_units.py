@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from tests.worker.memory_helpers import make_scheduler
-from worker.detokenizer import Detokenizer
+from worker.detokenizer import Detokenizer, skipped_ids
 from worker.memory.allocator import OutOfPages, PageAllocator
 from worker.sampling import probabilities, sample
 from worker.scheduler import SchedulerLimits
@@ -88,6 +88,19 @@ def test_detokenizer_never_emits_broken_utf8(tokenizer: object) -> None:
     pieces = [detok.add(t)[0] for t in ids]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) + detok.flush() == text
+
+
+def test_detokenizer_skips_special_tokens_without_growing_its_window(tokenizer: object) -> None:
+    skipped = skipped_ids(tokenizer)
+    assert {0, 1, 2} < skipped  # endoftext, im_start, im_end, and SmolLM2's other specials
+    for i in skipped:  # exactly what decoding drops
+        assert tokenizer.decode([i], skip_special_tokens=True) == ""  # type: ignore[attr-defined]
+    words = tokenizer.encode(" once upon a time naïve")  # type: ignore[attr-defined]
+    ids = [words[0], *[2] * 500, *words[1:3], 0, 5, *words[3:]]  # runs of specials between
+    detok = Detokenizer(tokenizer, [], ())
+    out = "".join(detok.add(t)[0] for t in ids) + detok.flush()
+    assert out == tokenizer.decode(ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+    assert len(detok.ids) <= len(words)  # the window held no special token
 
 
 def test_detokenizer_stops_at_a_stop_string_across_tokens(tokenizer: object) -> None:
