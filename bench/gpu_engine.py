@@ -112,7 +112,9 @@ def throughput(model: Path, copy_bytes_per_s: float, device: str) -> dict[str, A
         out[f"lora_tax_gpu_{case}_ceiling"] = round(ceiling, 3)
         out[f"lora_tax_gpu_{case}_of_ceiling"] = round(tax / ceiling, 3)
         out[f"lora_tax_gpu_{case}_wall"] = round(step_s["base"] / step_s[case], 3)
-    floor_s = base_bytes / copy_bytes_per_s * 2  # a copy counts bytes read and written
+    # copy_bytes_per_s counts a copy's bytes read and written: the rate memory moves bytes
+    # at. A step reads each weight once, so at best it moves base_bytes at that rate.
+    floor_s = base_bytes / copy_bytes_per_s
     out["base_step_over_bytes_floor"] = round(forward_s["base"] / floor_s, 2)
     out["base_step_over_bytes_floor_wall"] = round(step_s["base"] / floor_s, 2)
     out["base_weight_bytes"] = base_bytes

@@ -64,7 +64,9 @@ def for_engine(model: LlamaModel, pool: MemoryPool, config: EngineConfig) -> Dec
     """CUDA graphs where they are asked for and can run: on CUDA, over an unquantized base
     (bitsandbytes' kernels are not captured). Built before the engine counts the pages
     sequences may use: the graphs hold one."""
-    if not config.cuda_graphs or model.device.type != "cuda" or config.quantize is not None:
+    # the model's own: a checkpoint stored quantized loads quantized with quantize=None
+    quantized = model.config.quantization is not None
+    if not config.cuda_graphs or model.device.type != "cuda" or quantized:
         return None
     return DecodeGraphs(model, pool, config.max_num_seqs, config.max_model_len)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -238,18 +239,19 @@ class Engine:
     # -- the step ---------------------------------------------------------------
 
     def step(self) -> list[TokenEvent]:
-        events, self._pending = self._pending, []
-        events += self._start_adapter_loads()
-        batch = self.scheduler.schedule()
-        if batch:
-            spare = self.config.max_batch_tokens - sum(item.num_tokens for item in batch)
-            batch = self.speculator.plan(batch, spare)
-            started = time.perf_counter()
-            ordered, logits = self.runner.run(batch, self.adapters.get)
-            new = self.speculator.tokens(ordered, logits)  # rolls back rejected drafts
-            self.speculator.observe(batch, time.perf_counter() - started)
-            events += [self._append(seq, tokens) for seq, tokens in new]
-        return events
+        with device_scope(self.model.device):
+            events, self._pending = self._pending, []
+            events += self._start_adapter_loads()
+            batch = self.scheduler.schedule()
+            if batch:
+                spare = self.config.max_batch_tokens - sum(item.num_tokens for item in batch)
+                batch = self.speculator.plan(batch, spare)
+                started = time.perf_counter()
+                ordered, logits = self.runner.run(batch, self.adapters.get)
+                new = self.speculator.tokens(ordered, logits)  # rolls back rejected drafts
+                self.speculator.observe(batch, time.perf_counter() - started)
+                events += [self._append(seq, tokens) for seq, tokens in new]
+            return events
 
     def has_unfinished(self) -> bool:
         return bool(self._live or self._pending)
@@ -391,6 +393,13 @@ class Engine:
                 total.prompt_tokens = event.prompt_tokens
                 total.completion_tokens = event.completion_tokens
         return list(results.values())
+
+
+def device_scope(device: torch.device) -> AbstractContextManager[Any]:
+    """The model's CUDA device made current for a step (in the stepping thread): Triton
+    launches on the current device, and the decode graphs capture on its streams, so an
+    engine on cuda:1 would otherwise hand device 0's kernels cuda:1's pointers."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 def page_geometry(model: LlamaModel, page_tokens: int) -> PageGeometry:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import itertools
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from adapter_store.basemodel import BaseModelSpec
 from tests.adapter_store.builders import write_lora
@@ -187,3 +189,12 @@ def test_the_engine_attaches_cuda_graphs_only_where_they_can_run(models: tuple) 
         engine = Engine.from_config(config)
         assert engine.runner.graphs is None
         assert decode_graphs.for_engine(engine.model, engine.pool, config) is None
+
+
+def test_a_base_stored_quantized_gets_no_graphs_even_without_quantize() -> None:
+    # a bitsandbytes checkpoint loads quantized with EngineConfig.quantize=None; its
+    # kernels are not captured, whatever the config asked for
+    model = SimpleNamespace(device=torch.device("cuda"), config=SimpleNamespace(quantization="nf4"))
+    config = EngineConfig(model="unused", cuda_graphs=True)
+    assert config.quantize is None
+    assert decode_graphs.for_engine(model, None, config) is None  # type: ignore[arg-type]

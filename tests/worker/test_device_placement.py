@@ -10,6 +10,7 @@ the way it would on CUDA.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from adapter_store.basemodel import BaseModelSpec
 from tests.adapter_store.builders import write_lora
+from worker import engine as engine_module
 from worker.config import EngineConfig
 from worker.drafting import draft_draw
 from worker.engine import Engine
@@ -175,3 +177,22 @@ def test_a_speculative_step_keeps_every_tensor_on_the_models_device(meta_engine:
     assert logits.shape[0] == sum(1 + len(d) for d in drafts.values())
     assert check.device_ops > 100 and {accept.device, token.device, drawn.device} == {META}
     assert q is not None and q.device == META
+
+
+def test_a_step_runs_with_the_models_cuda_device_current(
+    tiny_model: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Triton launches on the current CUDA device: an engine on cuda:1 makes it current
+    scope = engine_module.device_scope(torch.device("cuda", 1))
+    assert isinstance(scope, torch.cuda.device) and scope.idx == 1
+    entered: list[torch.device] = []
+
+    def recording(device: torch.device) -> Any:
+        entered.append(device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(engine_module, "device_scope", recording)
+    engine = Engine.from_config(EngineConfig(model=str(tiny_model("llama"))))
+    engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=2))
+    engine.step()
+    assert entered == [torch.device("cpu")]
