@@ -332,6 +332,7 @@ def decode_attention(
         window or NO_WINDOW, (scale or 1 / math.sqrt(head_dim)) * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=pow2_at_least(head_dim, 16), BLOCK_H=pow2_at_least(group, 16),
         BLOCK_N=block_n, STORE_LSE=splits > 1, NATIVE=native_dot(q.dtype, q.device),
+        num_warps=attention_warps(head_dim),
     )  # fmt: skip
     if splits > 1:
         _combine_kernel[(batch, num_heads)](
@@ -339,6 +340,12 @@ def decode_attention(
             HEAD_DIM=head_dim, BLOCK_D=pow2_at_least(head_dim, 16), SPLIT_BLOCK=pow2_at_least(splits, 2),
         )  # fmt: skip
     return out
+
+
+def attention_warps(head_dim: int) -> int:
+    """Warps for the decode and varlen kernels: 8 from head_dim 128, where 4 warps spill
+    registers on sm_90 in bf16 (bench/kernel_compile.py reports it), else 4."""
+    return 8 if head_dim >= 128 else 4
 
 
 def varlen_attention(
@@ -371,6 +378,7 @@ def varlen_attention(
         kv.shape[3], window or NO_WINDOW, (scale or 1 / math.sqrt(head_dim)) * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=pow2_at_least(head_dim, 16), BLOCK_M=bm, BLOCK_N=block_n,
         SEQ_BLOCK=pow2_at_least(seqs, 2), NATIVE=native_dot(q.dtype, q.device),
+        num_warps=attention_warps(head_dim),
     )  # fmt: skip
     return out
 

@@ -58,6 +58,12 @@ class SgmvTiles:
     block_n: int = 64  # expand: output columns per program
     split_k: int = 1  # shrink: programs sharing one row tile's input features
 
+    @property
+    def expand_warps(self) -> int:
+        """Warps for the expand: 8 for 64-row tiles, whose 64 × 128 accumulator spills
+        registers with 4 (sm_90, bf16: bench/kernel_compile.py reports it), else 4."""
+        return 8 if self.block_m >= 64 else 4
+
 
 def sgmv_tiles(
     tokens: int, segments: int, in_features: int, max_rank: int, device: torch.device
@@ -305,7 +311,7 @@ def sgmv_expand(
         padded[0][0], padded[0][1], padded[1][0], padded[1][1], padded[2][0], padded[2][1],
         col_tiles[0], sum(col_tiles[:2]), y.stride(0), v.stride(0),
         BLOCK_M=t.block_m, BLOCK_R=t.block_r, BLOCK_N=t.block_n, SEG_BLOCK=pow2_at_least(segs, 2),
-        ROW_ALIGN=row_align, NATIVE=native_dot(y.dtype, y.device),
+        ROW_ALIGN=row_align, NATIVE=native_dot(y.dtype, y.device), num_warps=t.expand_warps,
     )  # fmt: skip
 
 
