@@ -21,33 +21,34 @@ def test_report_is_written_after_every_part_and_a_failure_stops_nothing(
     monkeypatch.setattr(gpu_check, "RESULTS", results)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a fake GPU")
-    monkeypatch.setattr(gpu_check, "gpu_tests", lambda timeout: {"returncode": 0})
-
-    def kernels(quick: bool, timeout: float) -> dict[str, Any]:
-        (results / "kernels.json").write_text('{"rows": []}')
-        raise RuntimeError("kernel bench broke")
-
-    monkeypatch.setattr(gpu_check, "kernel_bench", kernels)
     monkeypatch.setattr(gpu_check, "copy_bandwidth", lambda: 2.0e12)
+    monkeypatch.setattr(gpu_check, "gpu_tests", lambda timeout: {"returncode": 0})
     seen: dict[str, Any] = {}
 
     def engine(model: Path, samples: Path, prompts: list[str], bandwidth: float) -> Any:
-        # the parts before this one are on disk already
-        seen.update(json.loads((out / "gpu_check.json").read_text()))
+        seen["before engine"] = json.loads((out / "gpu_check.json").read_text())
         seen["bandwidth"] = bandwidth
-        return {"throughput": {"lora_tax_gpu_distinct": 0.4}}
+        raise RuntimeError("engine broke")
+
+    def kernels(quick: bool, timeout: float) -> dict[str, Any]:
+        seen["before kernels"] = json.loads((out / "gpu_check.json").read_text())
+        (results / "kernels.json").write_text('{"rows": []}')
+        return {"returncode": 0, "targets": {"every_kernel_beats_both_baselines": True}}
 
     monkeypatch.setattr(gpu_engine, "engine_report", engine)
+    monkeypatch.setattr(gpu_check, "kernel_bench", kernels)
     argv = ["--out-dir", str(out), "--model", str(tmp_path), "--commit", "abc1234"]
     assert gpu_check.main(argv) == 0
-    assert seen["gpu_tests"] == {"returncode": 0}
-    assert seen["kernels"] == {"error": "RuntimeError('kernel bench broke')"}
-    assert seen["bandwidth"] == 2.0e12 and "engine" not in seen
+    # each part finds the parts before it on disk already
+    assert seen["before engine"]["gpu_tests"] == {"returncode": 0}
+    assert seen["before engine"]["copy_bytes_per_s"] == 2.0e12 == seen["bandwidth"]
+    assert seen["before kernels"]["engine"] == {"error": "RuntimeError('engine broke')"}
     for where in (results, out):
         report = json.loads((where / "gpu_check.json").read_text())
-        assert report["engine"] == {"throughput": {"lora_tax_gpu_distinct": 0.4}}
+        assert report["engine"] == {"error": "RuntimeError('engine broke')"}  # and on it went
+        assert report["kernels"]["targets"] == {"every_kernel_beats_both_baselines": True}
         assert report["commit"] == "abc1234" and report["device"] == "a fake GPU"
-        assert "lora_tax_gpu_distinct" in (where / "gpu_check.txt").read_text()
+        assert "every_kernel_beats_both_baselines" in (where / "gpu_check.txt").read_text()
     assert json.loads((out / "kernels.json").read_text()) == {"rows": []}
 
 
