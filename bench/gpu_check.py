@@ -79,9 +79,13 @@ class Report:
             (out / "gpu_check.txt").write_text(_text(self.data))
 
 
-def gpu_tests(timeout: float) -> dict[str, Any]:
+# the GPU-marked tests of each half (--only): the engine's need the model, the kernels' not
+GPU_TESTS = {"kernels": ["tests/kernels"], "engine": ["tests/worker/test_gpu_engine.py"]}
+
+
+def gpu_tests(timeout: float, halves: list[str]) -> dict[str, Any]:
     argv = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
-    argv += ["tests/kernels", "tests/worker/test_gpu_engine.py"]
+    argv += [path for half in halves for path in GPU_TESTS[half]]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as exc:
@@ -130,8 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", type=Path, help="also write the report here (e.g. $OUT)")
     p.add_argument("--budget-s", type=float, default=560, help="time for all parts (s)")
     p.add_argument("--commit", help="the commit to record (a copied tree may have no .git)")
+    p.add_argument(
+        "--only",
+        choices=list(GPU_TESTS),
+        help="one half: kernels (their GPU tests and bench; no model needed) or engine (its"
+        " GPU tests and SmolLM2), e.g. one per device call (docs/gpu-check.md)",
+    )
     args = p.parse_args(argv)
-    if args.pack:  # by default where the packaged model is cached: the GPU tests find it
+    halves = [args.only] if args.only else list(GPU_TESTS)
+    if (
+        args.pack and "engine" in halves
+    ):  # by default where the packaged model is cached: the GPU tests find it
         from bench.gpu_pack import unpack
         from worker.config import default_cache_dir
         from worker.model.source import DEFAULT_MODEL, packaged_model_dir
@@ -153,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         [RESULTS, *([args.out_dir] if args.out_dir else [])],
         args.budget_s,
         {
+            "halves": halves,
             "device": torch.cuda.get_device_name(),
             "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -165,11 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = report.data["copy_bytes_per_s"]
     if not isinstance(bandwidth, float):  # the copy failed: no bytes ceilings, the rest runs
         bandwidth = float("nan")
-    report.step("gpu_tests", lambda: gpu_tests(report.left(200)))
-    model = args.model or _default_model()
-    report.step("engine", lambda: engine_report(model, SAMPLES, PROMPTS, bandwidth))
-    report.step("kernels", lambda: kernel_bench(args.quick, report.left(240)))
-    report.attach(RESULTS / "kernels.json")
+    report.step("gpu_tests", lambda: gpu_tests(report.left(200), halves))
+    if "engine" in halves:
+        model = args.model or _default_model()
+        report.step("engine", lambda: engine_report(model, SAMPLES, PROMPTS, bandwidth))
+    if "kernels" in halves:
+        report.step("kernels", lambda: kernel_bench(args.quick, report.left(240)))
+        report.attach(RESULTS / "kernels.json")
     sys.stdout.write(_text(report.data))
     return 0
 
@@ -189,9 +205,13 @@ def _commit() -> str:
 
 
 def _text(report: dict[str, Any]) -> str:
-    lines = [f"gpu-check on {report['device']} ({report['date']}, commit {report['commit']})"]
+    lines = [
+        f"gpu-check ({', '.join(report['halves'])}) on {report['device']} "
+        f"({report['date']}, commit {report['commit']})"
+    ]
+    head = ("halves", "device", "date", "commit", "torch")
     for key, value in report.items():
-        if key not in ("device", "date", "commit", "torch") and not key.endswith("_seconds"):
+        if key not in head and not key.endswith("_seconds"):  # the parts' own times stay out
             lines.append(f"{key}: {json.dumps(value)}")
     return "\n".join(lines) + "\n"
 

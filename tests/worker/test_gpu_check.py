@@ -22,7 +22,7 @@ def test_report_is_written_after_every_part_and_a_failure_stops_nothing(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a fake GPU")
     monkeypatch.setattr(gpu_check, "copy_bandwidth", lambda: 2.0e12)
-    monkeypatch.setattr(gpu_check, "gpu_tests", lambda timeout: {"returncode": 0})
+    monkeypatch.setattr(gpu_check, "gpu_tests", lambda timeout, halves: {"returncode": 0})
     seen: dict[str, Any] = {}
 
     def engine(model: Path, samples: Path, prompts: list[str], bandwidth: float) -> Any:
@@ -59,3 +59,30 @@ def test_each_part_gets_what_the_budget_leaves() -> None:
     assert 170 < tight.left(240) <= 180  # 300 s less the 120 s kept for the parts after
     spent = gpu_check.Report([], budget_s=0, head={})
     assert spent.left(240) == 60  # a part always gets a minute
+
+
+@pytest.mark.parametrize(("only", "parts"), [("kernels", {"kernels"}), ("engine", {"engine"})])
+def test_each_half_runs_its_own_parts(
+    only: str, parts: set[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gpu_check, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a fake GPU")
+    monkeypatch.setattr(gpu_check, "copy_bandwidth", lambda: 2.0e12)
+    ran: dict[str, Any] = {}
+    monkeypatch.setattr(
+        gpu_check, "gpu_tests", lambda timeout, halves: ran.setdefault("tests", halves)
+    )
+    monkeypatch.setattr(
+        gpu_check, "kernel_bench", lambda quick, timeout: ran.setdefault("kernels", True)
+    )
+    monkeypatch.setattr(gpu_engine, "engine_report", lambda *a: ran.setdefault("engine", True))
+    # the kernels' half needs no model: none is given, and none is looked for
+    monkeypatch.setattr(gpu_check, "_default_model", lambda: pytest.fail("model looked up"))
+    argv = ["--only", only, "--out-dir", str(tmp_path / "out")]
+    argv += ["--model", str(tmp_path)] if only == "engine" else []
+    assert gpu_check.main(argv) == 0
+    assert ran.pop("tests") == [only] and set(ran) == parts
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert report["halves"] == [only] and set(report) & {"engine", "kernels"} == parts
+    assert gpu_check.GPU_TESTS[only]  # that half has GPU tests to run
