@@ -57,6 +57,7 @@ def test_each_part_gets_what_the_budget_leaves() -> None:
     assert ample.left(240) == 240
     tight = gpu_check.Report([], budget_s=300, head={})
     assert 170 < tight.left(240) <= 180  # 300 s less the 120 s kept for the parts after
+    assert 280 < tight.left(400, reserve=10) <= 290  # the last part keeps no reserve
     spent = gpu_check.Report([], budget_s=0, head={})
     assert spent.left(240) == 60  # a part always gets a minute
 
