@@ -16,6 +16,7 @@ and a 7B model's shapes, and reports each variant's shared memory, registers and
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -38,91 +39,85 @@ SMS = 132  # H100 SXM
 
 def variants() -> Iterator[tuple[str, Any, dict[str, str], dict[str, Any]]]:
     """(name, kernel, pointer and float argument types, constexprs and the launch's
-    num_warps where the wrapper sets one) for every variant."""
+    num_warps where the wrapper sets one) for every distinct variant."""
+    seen: set[tuple[str, str]] = set()
+    for name, kernel, ptrs, consts in _candidates():
+        key = (name, json.dumps(consts, sort_keys=True))
+        if key not in seen:
+            seen.add(key)
+            yield name, kernel, ptrs, consts
+
+
+def _candidates() -> Iterator[tuple[str, Any, dict[str, str], dict[str, Any]]]:
+    """What the wrappers' CUDA branches launch for these shapes (repeats included)."""
     from worker.kernels import bgmv, paged_attention, sgmv
     from worker.kernels.triton_util import pow2_at_least
 
     cuda = torch.device("cuda")
-    seen: set[tuple[str, str]] = set()
-
-    def once(name: str, consts: dict[str, Any]) -> bool:
-        key = (name, json.dumps(consts, sort_keys=True))
-        fresh = key not in seen
-        seen.add(key)
-        return fresh
-
     for dt in ("bf16", "fp32"):
         native = dt == "bf16"
+        a, b = _lora_ptrs(dt, "a"), _lora_ptrs(dt, "b")
         for hidden, heads, kv_heads, head_dim, inter in SHAPES.values():
             widths = (hidden, heads * head_dim, inter)
             for tokens, segments in ((8, 1), (1344, 32), (2048, 4), (64, 64)):
-                for width in widths:
-                    for rank in (8, 64, 256):
-                        t = sgmv.sgmv_tiles(tokens, segments, width, rank, cuda)
-                        seg = pow2_at_least(segments, 2)
-                        shrink = dict(BLOCK_M=t.block_m, BLOCK_R=t.block_r, BLOCK_K=t.block_k,
-                                      SEG_BLOCK=seg, SPLIT_K=t.split_k, ROW_ALIGN=16, NATIVE=native)  # fmt: skip
-                        if once(f"sgmv_shrink {dt}", shrink):
-                            yield (
-                                f"sgmv_shrink {dt}",
-                                sgmv._shrink_kernel,
-                                _lora_ptrs(dt, "a"),
-                                shrink,
-                            )
-                        expand = dict(BLOCK_M=t.block_m, BLOCK_R=t.block_r, BLOCK_N=t.block_n,
-                                      SEG_BLOCK=seg, ROW_ALIGN=16, NATIVE=native,
-                                      num_warps=t.expand_warps)  # fmt: skip
-                        if once(f"sgmv_expand {dt}", expand):
-                            yield (
-                                f"sgmv_expand {dt}",
-                                sgmv._expand_kernel,
-                                _lora_ptrs(dt, "b"),
-                                expand,
-                            )
-            for tokens in (1, 8, 32, 64):
-                for width in widths:
-                    for rank in (16, 64, 256):
-                        b = bgmv.bgmv_tiles(tokens, width, rank, cuda)
-                        for align in (16, 1):
-                            shrink = dict(BLOCK_R=b.block_r, BLOCK_K=b.block_k, SPLIT_K=b.split_k,
-                                          ROW_ALIGN=align)  # fmt: skip
-                            if once(f"bgmv_shrink {dt}", shrink):
-                                yield (
-                                    f"bgmv_shrink {dt}",
-                                    bgmv._shrink_kernel,
-                                    _lora_ptrs(dt, "a", bgmv=True),
-                                    shrink,
-                                )
-                            expand = dict(BLOCK_R=b.block_r, BLOCK_N=b.block_n, ROW_ALIGN=align)
-                            if once(f"bgmv_expand {dt}", expand):
-                                yield (
-                                    f"bgmv_expand {dt}",
-                                    bgmv._expand_kernel,
-                                    _lora_ptrs(dt, "b", bgmv=True),
-                                    expand,
-                                )
+                seg = pow2_at_least(segments, 2)
+                for width, rank in itertools.product(widths, (8, 64, 256)):
+                    t = sgmv.sgmv_tiles(tokens, segments, width, rank, cuda)
+                    tile = dict(BLOCK_M=t.block_m, BLOCK_R=t.block_r, SEG_BLOCK=seg, ROW_ALIGN=16)
+                    yield (
+                        f"sgmv_shrink {dt}",
+                        sgmv._shrink_kernel,
+                        a,
+                        dict(tile, BLOCK_K=t.block_k, SPLIT_K=t.split_k, NATIVE=native),
+                    )
+                    yield (
+                        f"sgmv_expand {dt}",
+                        sgmv._expand_kernel,
+                        b,
+                        dict(tile, BLOCK_N=t.block_n, NATIVE=native, num_warps=t.expand_warps),
+                    )
+            ba, bb = _lora_ptrs(dt, "a", bgmv=True), _lora_ptrs(dt, "b", bgmv=True)
+            for tokens, width, rank, align in itertools.product(
+                (1, 8, 32, 64), widths, (16, 64, 256), (16, 1)
+            ):
+                t2 = bgmv.bgmv_tiles(tokens, width, rank, cuda)
+                yield (
+                    f"bgmv_shrink {dt}",
+                    bgmv._shrink_kernel,
+                    ba,
+                    dict(
+                        BLOCK_R=t2.block_r, BLOCK_K=t2.block_k, SPLIT_K=t2.split_k, ROW_ALIGN=align
+                    ),
+                )
+                yield (
+                    f"bgmv_expand {dt}",
+                    bgmv._expand_kernel,
+                    bb,
+                    dict(BLOCK_R=t2.block_r, BLOCK_N=t2.block_n, ROW_ALIGN=align),
+                )
             d, group = pow2_at_least(head_dim, 16), heads // kv_heads
+            warps = paged_attention.attention_warps(head_dim)
+            attention = {"q_ptr": f"*{dt}", "kv_ptr": f"*{dt}", "tables_ptr": "*i32",
+                         "lens_ptr": "*i32", "qk_scale": "fp32"}  # fmt: skip
             for store in (True, False):  # split (float32 partials) or one split (the output)
                 out = "*fp32" if store else f"*{dt}"
-                decode = dict(HEAD_DIM=head_dim, BLOCK_D=d, BLOCK_H=pow2_at_least(group, 16),
-                              BLOCK_N=64, STORE_LSE=store, NATIVE=native,
-                              num_warps=paged_attention.attention_warps(head_dim))  # fmt: skip
-                if once(f"decode_attention {dt}", decode):
-                    ptrs = {"q_ptr": f"*{dt}", "kv_ptr": f"*{dt}", "tables_ptr": "*i32",
-                            "lens_ptr": "*i32", "o_ptr": out, "lse_ptr": out, "qk_scale": "fp32"}  # fmt: skip
-                    yield f"decode_attention {dt}", paged_attention._decode_kernel, ptrs, decode
+                yield f"decode_attention {dt}", paged_attention._decode_kernel, dict(
+                    attention, o_ptr=out, lse_ptr=out
+                ), dict(HEAD_DIM=head_dim, BLOCK_D=d, BLOCK_H=pow2_at_least(group, 16),
+                        BLOCK_N=64, STORE_LSE=store, NATIVE=native, num_warps=warps)  # fmt: skip
             for splits in (2, 64):
-                combine = dict(HEAD_DIM=head_dim, BLOCK_D=d, SPLIT_BLOCK=pow2_at_least(splits, 2))
-                if once(f"combine {dt}", combine):
-                    ptrs = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dt}"}
-                    yield f"combine {dt}", paged_attention._combine_kernel, ptrs, combine
+                ptrs = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dt}"}
+                yield (
+                    f"combine {dt}",
+                    paged_attention._combine_kernel,
+                    ptrs,
+                    dict(HEAD_DIM=head_dim, BLOCK_D=d, SPLIT_BLOCK=pow2_at_least(splits, 2)),
+                )
             for bm in (16, 64):  # varlen_attention's two row tiles
-                varlen = dict(HEAD_DIM=head_dim, BLOCK_D=d, BLOCK_M=bm, BLOCK_N=64, SEQ_BLOCK=32,
-                              NATIVE=native, num_warps=paged_attention.attention_warps(head_dim))  # fmt: skip
-                if once(f"varlen_attention {dt}", varlen):
-                    ptrs = {"q_ptr": f"*{dt}", "kv_ptr": f"*{dt}", "tables_ptr": "*i32",
-                            "lens_ptr": "*i32", "cu_ptr": "*i32", "o_ptr": f"*{dt}", "qk_scale": "fp32"}  # fmt: skip
-                    yield f"varlen_attention {dt}", paged_attention._varlen_kernel, ptrs, varlen
+                yield f"varlen_attention {dt}", paged_attention._varlen_kernel, dict(
+                    attention, cu_ptr="*i32", o_ptr=f"*{dt}"
+                ), dict(HEAD_DIM=head_dim, BLOCK_D=d, BLOCK_M=bm, BLOCK_N=64, SEQ_BLOCK=32,
+                        NATIVE=native, num_warps=warps)  # fmt: skip
 
 
 def _lora_ptrs(dt: str, side: str, bgmv: bool = False) -> dict[str, str]:
