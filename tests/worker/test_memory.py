@@ -21,6 +21,7 @@ from tests.worker.memory_helpers import (
     wait_on_host,
 )
 from worker.kernels.lora_meta import GROUPS, PROJECTIONS
+from worker.lora import manager as manager_module
 from worker.lora.adapter import HostAdapter, HostLora
 from worker.lora.layout import DoesNotFit, matrix_specs, place_rows, total_elems
 from worker.memory.allocator import OutOfPages, PageAllocator, PageKind
@@ -119,6 +120,22 @@ def test_rows_never_overlap_and_cross_only_into_adjacent_pages(seed: int) -> Non
         assert last - first <= 1  # a row spans at most two pages, and only adjacent ones
     with pytest.raises(DoesNotFit):
         place_rows(specs, pages[: len(pages) // 4], page_elems)
+
+
+def test_a_row_placed_off_the_granule_is_refused_at_page_in(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    shape = tiny_shape()
+    assert shape.granule == 8
+    pool = tiny_pool(64)
+    manager = manager_with(pool, shape, {"a": random_host_adapter("a", {"q_proj": 3}, shape, 1)})
+    wait_on_host(manager, "a")
+    placed = manager_module.place_rows
+    monkeypatch.setattr(  # every row one element further on: inside its pages, off γ
+        manager_module, "place_rows", lambda *args: [a + 1 for a in placed(*args)]
+    )
+    with pytest.raises(ValueError, match="not a multiple of γ=8"):
+        manager.make_resident("a")
 
 
 def test_paged_in_weights_read_back_through_views_and_gathers() -> None:

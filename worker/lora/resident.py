@@ -147,6 +147,13 @@ def page_in(
     shape: ModelShape,
 ) -> ResidentAdapter:
     """Copy the host weights into the pool at `addresses`; build the device-side tables."""
+    # The kernels promise the GPU that every row starts at a multiple of their row_align,
+    # which divides γ (runner.py); a row off γ would be a misaligned vector load there
+    # (undefined) and go unnoticed in the interpreter: refuse it here, once per page-in.
+    if misaligned := next((a for a in addresses if a % shape.granule), None):
+        raise ValueError(
+            f"adapter row at element {misaligned} is not a multiple of γ={shape.granule}"
+        )
     device = pool.device
     layers, groups, projs = shape.num_layers, len(GROUPS), len(PROJECTIONS)
     a_row = torch.full((layers, groups), -1, dtype=torch.int64)
