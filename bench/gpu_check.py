@@ -85,29 +85,30 @@ GPU_TESTS = {"kernels": ["tests/kernels"], "engine": ["tests/worker/test_gpu_eng
 
 def gpu_tests(timeout: float, halves: list[str]) -> dict[str, Any]:
     argv = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
-    argv += [path for half in halves for path in GPU_TESTS[half]]
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired as exc:
-        return {"timed_out_s": timeout, "tail": _tail(exc.stdout)}
+    done = _run([*argv, *(path for half in halves for path in GPU_TESTS[half])], timeout)
+    if isinstance(done, dict):
+        return done
     return {"returncode": done.returncode, "tail": done.stdout.strip().splitlines()[-3:]}
 
 
 def kernel_bench(quick: bool, timeout: float) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "bench.kernels", *(["--quick"] if quick else [])]
     path = RESULTS / "kernels.json"
     path.unlink(missing_ok=True)  # an earlier run's targets must not pass for this run's
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired as exc:
-        return {"timed_out_s": timeout, "tail": _tail(exc.stdout)}
+    done = _run([sys.executable, "-m", "bench.kernels", *(["--quick"] if quick else [])], timeout)
+    if isinstance(done, dict):
+        return done
     summary = json.loads(path.read_text()).get("targets", {}) if path.is_file() else {}
     return {"returncode": done.returncode, "targets": summary, "tail": done.stdout[-400:]}
 
 
-def _tail(out: str | bytes | None) -> list[str]:
-    text = out.decode(errors="replace") if isinstance(out, bytes) else out or ""
-    return text.strip().splitlines()[-3:]
+def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str] | dict[str, Any]:
+    """The finished process, or what a part that ran out of time reports."""
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout
+        text = out.decode(errors="replace") if isinstance(out, bytes) else out or ""
+        return {"timed_out_s": timeout, "tail": text.strip().splitlines()[-3:]}
 
 
 def copy_bandwidth() -> float:
